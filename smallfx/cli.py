@@ -1,0 +1,44 @@
+"""Command-line plumbing shared by the entry points: one-line errors, exit status 2."""
+
+import sys
+from typing import Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from smallfx.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _parse_flags(argv):
+  # absl prints the whole usage text and exits 1 on a bad flag; a misspelt config
+  # key deserves one line naming it, and exit 2 like every other user error.
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def run(main: Callable) -> None:
+  """absl's app.run, with UserError turned into one line on stderr and exit 2."""
+
+  def wrapped(argv):
+    # Orbax and JAX log every checkpoint step at INFO; the progress bar says enough.
+    logging.set_verbosity(logging.WARNING)
+    try:
+      main(argv)
+    except UserError as e:
+      fail(str(e))
+    except KeyboardInterrupt:
+      print('\ninterrupted: re-run the same command to resume from the last checkpoint',
+            file=sys.stderr)
+      sys.exit(130)
+
+  app.run(wrapped, flags_parser=_parse_flags)

@@ -1,0 +1,407 @@
+"""Train, evaluate and checkpoint one experiment.
+
+The training split lives on the device as uint8. Each step draws a batch,
+augments and normalises it on the device, and updates the model: one jitted
+function, with the state donated. `num_seeds` models share that function through
+`jax.vmap` over a leading seed axis of the state, so K seeds cost one program.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from smallfx import augment as augment_lib
+from smallfx import baseline as baseline_lib
+from smallfx import checkpoint
+from smallfx import data as data_lib
+from smallfx import losses
+from smallfx import metrics as metrics_lib
+from smallfx import models
+from smallfx import optim
+from smallfx.errors import UserError, unknown
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data, so that checkpoints hold plain arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything a run builds from its config before touching data."""
+  model: models.Net
+  loss: losses.Loss
+  tx: optax.GradientTransformation
+  learning_rate: optax.Schedule
+  augment: Callable
+  total_steps: int
+  batch_size: int
+
+
+# ---------------------------------------------------------------------------
+# The pure functions.
+
+
+def normalise(images_u8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+  return (images_u8.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def init_state(model, tx, image_shape, seed_key) -> TrainState:
+  """One model's state; vmapped over seed keys for K seeds."""
+  init_key, train_key = jax.random.split(seed_key)
+  variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}),
+                    opt_state=tx.init(params), rng=train_key)
+
+
+def update(state: TrainState, images: jax.Array, labels: jax.Array, *, model, loss, tx,
+           learning_rate) -> tuple[TrainState, dict]:
+  """The one update: (state, batch) -> (state, metrics). `labels` are (B, C) probabilities."""
+
+  def loss_fn(params):
+    outputs, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                                    images, train=True, mutable=['batch_stats'])
+    return loss.per_example(outputs, labels).mean(), (outputs, new_vars)
+
+  (value, (outputs, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  accuracy = jnp.mean(jnp.argmax(loss.scores(outputs), -1) == jnp.argmax(labels, -1))
+  metrics = {
+      'train/loss': value,
+      'train/accuracy': accuracy,
+      'train/learning_rate': learning_rate(state.step),
+      'train/grad_norm': optax.global_norm(grads),
+      'train/param_norm': optax.global_norm(params),
+      'train/update_norm': optax.global_norm(updates),
+  }
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            batch_stats=new_vars.get('batch_stats', state.batch_stats))
+  return new_state, metrics
+
+
+def draw_batch(state: TrainState, images_u8, labels, *, batch_size, num_classes, augment,
+               mean, std):
+  """The batch of this step: a slice of this epoch's permutation, augmented, normalised."""
+  n = labels.shape[0]
+  steps_per_epoch = n // batch_size
+  epoch, i = jnp.divmod(state.step, steps_per_epoch)
+  key = jax.random.wrap_key_data(state.rng)
+  perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+  idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
+  x = images_u8[idx].astype(jnp.float32) / 255.0
+  y = jax.nn.one_hot(labels[idx], num_classes)
+  x, y = augment(jax.random.fold_in(jax.random.fold_in(key, 1 << 30), state.step), x, y)
+  return (x - mean) / std, y
+
+
+def make_train_step(setup: Setup, num_classes: int, mean, std):
+  """(state, images_u8, labels) -> (state, metrics), vmapped over seeds and jitted."""
+
+  def step(state, images_u8, labels):
+    x, y = draw_batch(state, images_u8, labels, batch_size=setup.batch_size,
+                      num_classes=num_classes, augment=setup.augment, mean=mean, std=std)
+    return update(state, x, y, model=setup.model, loss=setup.loss, tx=setup.tx,
+                  learning_rate=setup.learning_rate)
+
+  return jax.jit(jax.vmap(step, in_axes=(0, None, None)), donate_argnums=0)
+
+
+def make_eval_step(setup: Setup, num_classes: int, mean, std):
+  """(state, images_u8, labels, mask) -> per-seed sums and probabilities."""
+
+  def step(state, images_u8, labels, mask):
+    outputs = setup.model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                                normalise(images_u8, mean, std), train=False)
+    onehot = jax.nn.one_hot(labels, num_classes)
+    scores = setup.loss.scores(outputs)
+    correct = (jnp.argmax(scores, -1) == labels) * mask
+    loss = setup.loss.per_example(outputs, onehot) * mask
+    return {'correct': correct.sum(), 'loss': loss.sum()}, jax.nn.softmax(scores)
+
+  return jax.jit(jax.vmap(step, in_axes=(0, None, None, None)))
+
+
+def evaluate(eval_step, state, split: data_lib.Split, batch_size: int) -> dict:
+  """Accuracy and loss of every seed, and of their ensemble (averaged probabilities).
+
+  The last batch is padded to the full batch size and masked, so one compiled
+  function serves every batch.
+  """
+  n = len(split.labels)
+  if n == 0:
+    return {}
+  batch_size = min(batch_size, n)
+  totals, correct_ensemble = None, 0
+  for start in range(0, n, batch_size):
+    x, y = split.images[start:start + batch_size], split.labels[start:start + batch_size]
+    pad = batch_size - len(y)
+    mask = np.concatenate([np.ones(len(y), np.float32), np.zeros(pad, np.float32)])
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros(pad, y.dtype)])
+    sums, probs = eval_step(state, x, y, mask)
+    sums = jax.device_get(sums)
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    ensemble = np.argmax(np.asarray(probs).mean(0), -1)
+    correct_ensemble += int(((ensemble == y) * mask).sum())
+  accuracy = totals['correct'] / n
+  return {'accuracy': float(accuracy.mean()), 'loss': float((totals['loss'] / n).mean()),
+          'accuracy_per_seed': [float(a) for a in accuracy],
+          'loss_per_seed': [float(l) for l in totals['loss'] / n],
+          'ensemble_accuracy': correct_ensemble / n}
+
+
+# ---------------------------------------------------------------------------
+# The run.
+
+
+def build(config: ml_collections.ConfigDict, num_classes: int, train_size: int) -> Setup:
+  """Checks every name in the config and builds the run's parts (no data needed)."""
+  if config.dtype not in DTYPES:
+    raise unknown('dtype', config.dtype, DTYPES)
+  loss = losses.get(config.loss)
+  augment = augment_lib.build(config.augment)
+  batch_size = config.batch_size
+  if batch_size < 1:
+    raise UserError(f'batch_size must be positive, got {batch_size}')
+  if batch_size > train_size:
+    raise UserError(f'batch_size={batch_size} is larger than the training split '
+                    f'({train_size} images); lower --config.batch_size')
+  if config.num_steps > 0:
+    total_steps = int(config.num_steps)
+  elif config.num_epochs > 0:
+    total_steps = max(1, math.ceil(config.num_epochs * train_size / batch_size))
+  else:
+    raise UserError('set --config.num_steps or --config.num_epochs to a positive number')
+  tx, learning_rate = optim.make(config, total_steps)
+  num_outputs = config.embedding_dim or num_classes
+  model = models.build(config.model, num_outputs,
+                       num_classes if loss.needs_classifier else 0, config.width,
+                       DTYPES[config.dtype])
+  return Setup(model, loss, tx, learning_rate, augment, total_steps, batch_size)
+
+
+def check_names(config) -> None:
+  """Fails fast on a misspelt name, before any data is read."""
+  losses.get(config.loss)
+  if config.model not in models.BACKBONES:
+    raise unknown('model', config.model, models.BACKBONES)
+  if config.optimizer not in optim.OPTIMIZERS:
+    raise unknown('optimizer', config.optimizer, optim.OPTIMIZERS)
+  if config.schedule not in optim.SCHEDULES:
+    raise unknown('schedule', config.schedule, optim.SCHEDULES)
+  if config.baseline not in baseline_lib.BASELINES:
+    raise unknown('baseline', config.baseline, baseline_lib.BASELINES)
+  if config.dtype not in DTYPES:
+    raise unknown('dtype', config.dtype, DTYPES)
+  if config.num_seeds < 1:
+    raise UserError(f'num_seeds must be at least 1, got {config.num_seeds}')
+  augment_lib.build(config.augment)
+
+
+def default_workdir(config, config_name: str = 'run') -> str:
+  """runs/NAME-DATASET-HASH: the same command resumes, a changed override starts afresh."""
+  digest = hashlib.sha1(config.to_json(sort_keys=True).encode()).hexdigest()[:8]
+  dataset = config.dataset.split(':')[-1].rstrip('/').split('/')[-1]
+  return os.path.join('runs', f'{config_name}-{dataset}-{digest}')
+
+
+def _write_config(config, workdir: str) -> None:
+  """Saves the resolved config; refuses to resume a workdir made by another config."""
+  path = os.path.join(workdir, 'config.json')
+  resolved = json.loads(config.to_json(sort_keys=True))
+  if os.path.exists(path):
+    with open(path) as f:
+      before = json.load(f)
+    ignore = {'progress'}
+    changed = sorted(k for k in set(before) | set(resolved)
+                     if k not in ignore and before.get(k) != resolved.get(k))
+    if changed:
+      raise UserError(f'{workdir} holds a run with another config (differs in: '
+                      f"{', '.join(changed)}); use another --workdir or delete it")
+    return
+  if jax.process_index() == 0:
+    with open(path + '.tmp', 'w') as f:
+      json.dump(resolved, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+def versions() -> dict:
+  import importlib.metadata as md  # pylint: disable=g-import-not-at-top
+  out = {'python': platform.python_version()}
+  for pkg in ('smallfx', 'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy'):
+    try:
+      out[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      pass
+  return out
+
+
+def summary_line(results: dict, workdir: str) -> str:
+  seeds = results['num_seeds']
+  acc = f"test accuracy {results['test_accuracy']:.4f}"
+  if seeds > 1:
+    acc += (f" ± {results['test_accuracy_std']:.4f} over {seeds} seeds, "
+            f"ensemble {results['test_ensemble_accuracy']:.4f}")
+  base = results.get('baseline_accuracy')
+  base = f" | {results['baseline']} {base:.4f}" if base is not None else ''
+  return (f"{acc}{base} | {results['steps']} steps, {results['wall_seconds']:.0f} s, "
+          f"{results['images_per_sec']:.0f} img/s | {workdir}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes, or reports) the experiment of `config` in `workdir`."""
+  check_names(config)
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(config, workdir)
+  results_path = os.path.join(workdir, 'results.json')
+
+  dataset = data_lib.load(config)
+  num_classes = dataset.num_classes
+  setup = build(config, num_classes, len(dataset.train.labels))
+  train_float = dataset.train.images.astype(np.float32) / 255.0
+  mean = train_float.mean(axis=(0, 1, 2))
+  std = np.maximum(train_float.std(axis=(0, 1, 2)), 1e-3)
+  del train_float
+  checkpoint.write_model_spec(workdir, {
+      'model': config.model, 'width': config.width, 'dtype': config.dtype,
+      'num_outputs': config.embedding_dim or num_classes,
+      'num_classes': num_classes if setup.loss.needs_classifier else 0,
+      'loss': config.loss, 'image_size': list(dataset.image_shape[:2]),
+      'channels': int(dataset.image_shape[2]), 'mean': mean.tolist(), 'std': std.tolist(),
+      'class_names': dataset.class_names, 'class_embeddings': None,
+      'num_seeds': config.num_seeds})
+
+  seed_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(config.seed), i))(
+      jnp.arange(config.num_seeds))
+  init = jax.jit(jax.vmap(lambda k: init_state(setup.model, setup.tx, dataset.image_shape,
+                                               k)))
+  abstract = jax.eval_shape(init, seed_keys)
+  abstract = abstract.replace(rng=jax.ShapeDtypeStruct((config.num_seeds, 2), jnp.uint32))
+
+  mngr = checkpoint.manager(workdir)
+  start = mngr.latest_step()
+  if start is None:
+    state = init(seed_keys)
+    state = state.replace(rng=jax.random.key_data(state.rng))
+    start = 0
+  else:
+    state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
+  if start >= setup.total_steps and os.path.exists(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+    print(summary_line(results, workdir))
+    mngr.close()
+    return results
+
+  train_step = make_train_step(setup, num_classes, mean, std)
+  eval_step = make_eval_step(setup, num_classes, mean, std)
+  images_dev = jax.device_put(dataset.train.images)
+  labels_dev = jax.device_put(dataset.train.labels)
+  writer = metrics_lib.Writer(workdir, resume_step=start)
+  images_per_step = setup.batch_size * config.num_seeds
+
+  bar = tqdm.tqdm(total=setup.total_steps, initial=start, disable=not config.progress,
+                  desc=os.path.basename(workdir.rstrip('/')), unit='step', file=sys.stderr,
+                  dynamic_ncols=True)
+  pending, window_start, throughput = [], time.perf_counter(), []
+  t0, val = time.perf_counter(), {}
+  last_good = start
+  step = start
+  while step < setup.total_steps:
+    state, m = train_step(state, images_dev, labels_dev)
+    pending.append(m)
+    step += 1
+    bar.update(1)
+    log_now = step % config.log_every_steps == 0 or step == setup.total_steps
+    save_now = step % config.checkpoint_every_steps == 0 or step == setup.total_steps
+    eval_now = (config.eval_every_steps and step % config.eval_every_steps == 0
+                or step == setup.total_steps)
+    if not (log_now or save_now or eval_now):
+      continue
+    # The one host sync per window: earlier steps were dispatched without waiting.
+    window = jax.device_get(pending)
+    elapsed = time.perf_counter() - window_start
+    for offset, w in enumerate(window):
+      if not np.all(np.isfinite(w['train/loss'])):
+        bad = step - len(window) + offset + 1
+        mngr.wait_until_finished()
+        bar.close()
+        raise UserError(f'loss became non-finite at step {bad}; the last good checkpoint '
+                        f'(step {last_good}) is kept in {workdir}/checkpoints. Lower '
+                        '--config.learning_rate or set --config.grad_clip_norm')
+    scalars = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+    rate = images_per_step * len(window) / max(elapsed, 1e-9)
+    throughput.append(rate)
+    scalars['train/images_per_sec'] = rate
+    pending = []
+    if eval_now and len(dataset.val.labels):
+      val = evaluate(eval_step, state, dataset.val, config.eval_batch_size)
+      scalars['val/accuracy'], scalars['val/loss'] = val['accuracy'], val['loss']
+    writer.write(step, scalars)
+    bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
+                    val_acc=f"{val['accuracy']:.3f}" if val else '-')
+    if save_now:
+      mngr.save(step, args=ocp.args.StandardSave(state))
+      last_good = step
+    window_start = time.perf_counter()
+  bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  wall = time.perf_counter() - t0
+
+  test = evaluate(eval_step, state, dataset.test, config.eval_batch_size)
+  writer.write(step, {'test/accuracy': test['accuracy'], 'test/loss': test['loss']})
+  writer.close()
+  base_acc = baseline_lib.run(config.baseline, dataset, config.data_seed)
+  devices = jax.devices()
+  results = {
+      'test_accuracy': test['accuracy'],
+      'test_loss': test['loss'],
+      'test_accuracy_per_seed': test['accuracy_per_seed'],
+      'test_accuracy_std': float(np.std(test['accuracy_per_seed'])),
+      'test_ensemble_accuracy': test['ensemble_accuracy'],
+      'val_accuracy': val.get('accuracy'),
+      'baseline': config.baseline,
+      'baseline_accuracy': base_acc,
+      'num_seeds': config.num_seeds,
+      'steps': int(step),
+      'resumed_from_step': int(start),
+      'wall_seconds': wall,
+      'images_per_sec': float(np.median(throughput)) if throughput else 0.0,
+      'train_size': int(len(dataset.train.labels)),
+      'test_size': int(len(dataset.test.labels)),
+      'versions': versions(),
+      'devices': [str(d) for d in devices],
+      'platform': devices[0].platform,
+  }
+  if jax.process_index() == 0:
+    with open(results_path + '.tmp', 'w') as f:
+      json.dump(results, f, indent=1)
+    os.replace(results_path + '.tmp', results_path)
+  print(summary_line(results, workdir))
+  return results
