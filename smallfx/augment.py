@@ -137,8 +137,21 @@ def _box(h, w, y0, y1, x0, x1):
   return (yc >= y0) & (yc < y1) & (xc >= x0) & (xc < x1)
 
 
+def _u(key, n):
+  """n uniforms in [0, 1) from one PRNG call.
+
+  Every op draws all its random numbers at once: each jax.random call inlines a
+  threefry hash, and under vmap those dominate compile time on CPU.
+  """
+  return jax.random.uniform(key, (n,), jnp.float32)
+
+
+def _between(u, lo, hi):
+  return lo + (hi - lo) * u
+
+
 def _factor(key, strength):
-  return jax.random.uniform(key, (), jnp.float32, 1 - strength, 1 + strength)
+  return _between(_u(key, 1)[0], 1 - strength, 1 + strength)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -159,7 +172,7 @@ def crop(pad: int = 4, mode: str = 'zero'):
     padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)),
                      mode='constant' if mode == 'zero' else 'reflect')
     # A dynamic_slice of the padded image: one gather under vmap, no roll or mask.
-    dy, dx = jax.random.randint(key, (2,), 0, 2 * pad + 1)
+    dy, dx = jnp.minimum(jnp.floor(_u(key, 2) * (2 * pad + 1)), 2 * pad).astype(jnp.int32)
     return jax.lax.dynamic_slice(padded, (dy, dx, 0), (h, w, c))
   return op
 
@@ -176,17 +189,16 @@ def rrc(scale_min: float = 0.08, scale_max: float = 1.0,
 
   def op(key, image):
     h, w, _ = image.shape
-    k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)
-    area = jax.random.uniform(k_area, (), jnp.float32, scale_min, scale_max)
-    ratio = jnp.exp(jax.random.uniform(k_ratio, (), jnp.float32,
-                                       math.log(ratio_min), math.log(ratio_max)))
+    u = _u(key, 4)
+    area = _between(u[0], scale_min, scale_max)
+    ratio = jnp.exp(_between(u[1], math.log(ratio_min), math.log(ratio_max)))
     # Aspect is relative to the image's own aspect, so scale=ratio=1 is the whole
     # image for any shape. Clipping instead of torchvision's 10 rejection tries
     # keeps this branch-free; it only biases extreme aspects towards the edge.
     ch = jnp.clip(h * jnp.sqrt(area / ratio), 1, h)
     cw = jnp.clip(w * jnp.sqrt(area * ratio), 1, w)
-    y0 = jax.random.uniform(k_y, (), jnp.float32, 0, 1) * (h - ch)
-    x0 = jax.random.uniform(k_x, (), jnp.float32, 0, 1) * (w - cw)
+    y0 = u[2] * (h - ch)
+    x0 = u[3] * (w - cw)
     ys = y0 + (jnp.arange(h, dtype=jnp.float32)[:, None] + 0.5) * (ch / h) - 0.5
     xs = x0 + (jnp.arange(w, dtype=jnp.float32)[None, :] + 0.5) * (cw / w) - 0.5
     ys, xs = jnp.broadcast_arrays(ys, xs)
@@ -202,7 +214,7 @@ def flip(p: float = 0.5):
     return _identity
 
   def op(key, image):
-    return jnp.where(jax.random.bernoulli(key, p), image[:, ::-1], image)
+    return jnp.where(_u(key, 1)[0] < p, image[:, ::-1], image)
   return op
 
 
@@ -213,7 +225,7 @@ def vflip(p: float = 0.5):
     return _identity
 
   def op(key, image):
-    return jnp.where(jax.random.bernoulli(key, p), image[::-1], image)
+    return jnp.where(_u(key, 1)[0] < p, image[::-1], image)
   return op
 
 
@@ -224,7 +236,7 @@ def rotate(deg: float = 15.0):
     return _identity
 
   def op(key, image):
-    a = jnp.deg2rad(jax.random.uniform(key, (), jnp.float32, -deg, deg))
+    a = jnp.deg2rad(_between(_u(key, 1)[0], -deg, deg))
     c, s = jnp.cos(a), jnp.sin(a)
     return _affine(image, ((c, -s), (s, c)))
   return op
@@ -239,8 +251,7 @@ def translate(frac: float = 0.1):
   def op(key, image):
     h, w, _ = image.shape
     # Whole pixels: a sub-pixel shift would blur every image for no benefit.
-    t = jnp.round(jax.random.uniform(key, (2,), jnp.float32, -frac, frac)
-                  * jnp.asarray([h, w], jnp.float32))
+    t = jnp.round(_between(_u(key, 2), -frac, frac) * jnp.asarray([h, w], jnp.float32))
     return _affine(image, ((1.0, 0.0), (0.0, 1.0)), (t[0], t[1]))
   return op
 
@@ -253,7 +264,7 @@ def scale(min: float = 0.9, max: float = 1.1):  # pylint: disable=redefined-buil
     return _identity
 
   def op(key, image):
-    z = 1 / jax.random.uniform(key, (), jnp.float32, lo, hi)
+    z = 1 / _between(_u(key, 1)[0], lo, hi)
     return _affine(image, ((z, 0.0), (0.0, z)))
   return op
 
@@ -265,10 +276,10 @@ def shear(deg: float = 10.0):
     return _identity
 
   def op(key, image):
-    k_axis, k_angle = jax.random.split(key)
-    t = jnp.tan(jnp.deg2rad(jax.random.uniform(k_angle, (), jnp.float32, -deg, deg)))
+    u = _u(key, 2)
+    t = jnp.tan(jnp.deg2rad(_between(u[0], -deg, deg)))
     # One axis at a time (as shear_x / shear_y in AutoAugment): keeps the area.
-    on_x = jax.random.bernoulli(k_axis)
+    on_x = u[1] < 0.5
     zero = jnp.zeros((), jnp.float32)
     return _affine(image, ((1.0, jnp.where(on_x, zero, t)),
                            (jnp.where(on_x, t, zero), 1.0)))
@@ -333,7 +344,7 @@ def hue(strength: float = 0.05):
   def op(key, image):
     if image.shape[-1] == 1:
       return image
-    a = 2 * jnp.pi * jax.random.uniform(key, (), jnp.float32, -s, s)
+    a = 2 * jnp.pi * _between(_u(key, 1)[0], -s, s)
     c, si = jnp.cos(a), jnp.sin(a)
     rot = jnp.array([[1, 0, 0], [0, c, -si], [0, si, c]], jnp.float32)
     mat = jnp.asarray(_YIQ_INV) @ rot @ jnp.asarray(_YIQ)
@@ -351,7 +362,7 @@ def grayscale(p: float = 0.2):
     if image.shape[-1] == 1:
       return image
     gray = jnp.broadcast_to(_gray(image), image.shape)
-    return jnp.where(jax.random.bernoulli(key, p), gray, image)
+    return jnp.where(_u(key, 1)[0] < p, gray, image)
   return op
 
 
@@ -378,7 +389,7 @@ def solarize(strength: float = 1.0):
     return _identity
 
   def op(key, image):
-    t = jax.random.uniform(key, (), jnp.float32, 1 - s, 1)
+    t = _between(_u(key, 1)[0], 1 - s, 1)
     return jnp.where(image > t, 1 - image, image)
   return op
 
@@ -390,7 +401,7 @@ def posterize(bits: int = 4):
     return _identity
 
   def op(key, image):
-    b = jax.random.randint(key, (), bits, 9)
+    b = jnp.minimum(bits + jnp.floor(_u(key, 1)[0] * (9 - bits)), 8)
     step = jnp.exp2(8 - b).astype(image.dtype)
     q = jnp.floor(jnp.round(image * 255) / step) * step / 255
     return jnp.where(b >= 8, image, q)
@@ -413,7 +424,7 @@ def noise(std: float = 0.05):
 
 def _fill(key, image, mask, fill):
   if fill == 'noise':
-    value = jax.random.uniform(key, image.shape, image.dtype)
+    value = jax.random.uniform(jax.random.fold_in(key, 1), image.shape, image.dtype)
   else:
     value = jnp.full_like(image, 0.5 if fill == 'gray' else 0.0)
   return jnp.where(mask[..., None], value, image)
@@ -429,13 +440,13 @@ def cutout(size: float = 0.25, p: float = 1.0, fill: str = 'zero'):
 
   def op(key, image):
     h, w, _ = image.shape
-    k_on, k_c, k_fill = jax.random.split(key, 3)
+    u = _u(key, 3)
     # The centre may lie near the border so the box is partly outside, as in
     # DeVries & Taylor: border pixels get cut as often as central ones.
-    cy, cx = jax.random.uniform(k_c, (2,), jnp.float32) * jnp.asarray([h, w], jnp.float32)
+    cy, cx = u[0] * h, u[1] * w
     hh, hw = size * h / 2, size * w / 2
-    mask = _box(h, w, cy - hh, cy + hh, cx - hw, cx + hw) & jax.random.bernoulli(k_on, p)
-    return _fill(k_fill, image, mask, fill)
+    mask = _box(h, w, cy - hh, cy + hh, cx - hw, cx + hw) & (u[2] < p)
+    return _fill(key, image, mask, fill)
   return op
 
 
@@ -453,15 +464,14 @@ def erase(p: float = 0.5, scale_min: float = 0.02, scale_max: float = 0.33,
 
   def op(key, image):
     h, w, _ = image.shape
-    k_on, k_area, k_ratio, k_pos, k_fill = jax.random.split(key, 5)
-    area = jax.random.uniform(k_area, (), jnp.float32, scale_min, scale_max)
-    ratio = jnp.exp(jax.random.uniform(k_ratio, (), jnp.float32,
-                                       math.log(ratio_min), math.log(ratio_max)))
+    u = _u(key, 5)
+    area = _between(u[0], scale_min, scale_max)
+    ratio = jnp.exp(_between(u[1], math.log(ratio_min), math.log(ratio_max)))
     bh = jnp.minimum(h * jnp.sqrt(area / ratio), h)
     bw = jnp.minimum(w * jnp.sqrt(area * ratio), w)
-    y0, x0 = jax.random.uniform(k_pos, (2,), jnp.float32) * jnp.stack([h - bh, w - bw])
-    mask = _box(h, w, y0, y0 + bh, x0, x0 + bw) & jax.random.bernoulli(k_on, p)
-    return _fill(k_fill, image, mask, fill)
+    y0, x0 = u[2] * (h - bh), u[3] * (w - bw)
+    mask = _box(h, w, y0, y0 + bh, x0, x0 + bw) & (u[4] < p)
+    return _fill(key, image, mask, fill)
   return op
 
 
@@ -489,10 +499,10 @@ def trivial(strength: float = 1.0):
     # get a dead (identity) colour branch that skews the op frequencies.
     branches = [_identity] + geometric + tone + (colour if image.shape[-1] == 3 else [])
     k_op, k_arg = jax.random.split(key)
-    index = jax.random.randint(k_op, (), 0, len(branches))
+    index = jnp.minimum(jnp.floor(_u(k_op, 1)[0] * len(branches)), len(branches) - 1)
     # Under vmap the index is batched and lax.switch becomes a select over all
     # branches; they are all cheap elementwise or gather ops, so that is fine.
-    return jax.lax.switch(index, branches, k_arg, image)
+    return jax.lax.switch(index.astype(jnp.int32), branches, k_arg, image)
   return op
 
 
@@ -505,10 +515,18 @@ def trivial(strength: float = 1.0):
 # probability vectors here is exactly mixing the target vectors.
 
 
-def _lam(key, alpha, p):
-  k_lam, k_on = jax.random.split(key)
-  lam = jax.random.beta(k_lam, alpha, alpha)
-  return jnp.where(jax.random.bernoulli(k_on, p), lam, 1.0).astype(jnp.float32)
+def _lam_and_partner(key, alpha, p, batch):
+  """The mixing weight (1 where the op is skipped) and each example's partner.
+
+  Partners are a random cyclic shift of the batch: one gather, and unlike a
+  permutation it never pairs an example with itself. The batch is a random draw
+  from the training set, so the pairs are as random as with a permutation.
+  """
+  k_lam, k_u = jax.random.split(key)
+  u = _u(k_u, 2)
+  lam = jnp.where(u[0] < p, jax.random.beta(k_lam, alpha, alpha), 1.0).astype(jnp.float32)
+  shift = 1 + jnp.floor(u[1] * (batch - 1)).astype(jnp.int32) if batch > 1 else 0
+  return lam, (jnp.arange(batch) + shift) % batch
 
 
 def mixup(alpha: float = 0.2, p: float = 1.0):
@@ -519,9 +537,7 @@ def mixup(alpha: float = 0.2, p: float = 1.0):
     return None
 
   def op(key, images, labels):
-    k_lam, k_perm = jax.random.split(key)
-    lam = _lam(k_lam, alpha, p)
-    perm = jax.random.permutation(k_perm, images.shape[0])
+    lam, perm = _lam_and_partner(key, alpha, p, images.shape[0])
     images = lam.astype(images.dtype) * images + (1 - lam).astype(images.dtype) * images[perm]
     labels = lam.astype(labels.dtype) * labels + (1 - lam).astype(labels.dtype) * labels[perm]
     return images, labels
@@ -537,9 +553,10 @@ def cutmix(alpha: float = 1.0, p: float = 1.0):
 
   def op(key, images, labels):
     _, h, w, _ = images.shape
-    k_lam, k_pos, k_perm = jax.random.split(key, 3)
-    cut = jnp.sqrt(1 - _lam(k_lam, alpha, p))
-    cy, cx = jax.random.uniform(k_pos, (2,), jnp.float32) * jnp.asarray([h, w], jnp.float32)
+    k_lam, k_pos = jax.random.split(key)
+    drawn, perm = _lam_and_partner(k_lam, alpha, p, images.shape[0])
+    cut = jnp.sqrt(1 - drawn)
+    cy, cx = _u(k_pos, 2) * jnp.asarray([h, w], jnp.float32)
     # Whole-pixel box edges, clipped to the image: then the label weight below is
     # exactly the pasted pixel fraction, not the drawn lam.
     y0 = jnp.clip(jnp.round(cy - cut * h / 2), 0, h)
@@ -548,7 +565,6 @@ def cutmix(alpha: float = 1.0, p: float = 1.0):
     x1 = jnp.clip(jnp.round(cx + cut * w / 2), 0, w)
     mask = _box(h, w, y0, y1, x0, x1)
     lam = 1 - jnp.mean(mask.astype(jnp.float32))
-    perm = jax.random.permutation(k_perm, images.shape[0])
     images = jnp.where(mask[None, :, :, None], images[perm], images)
     labels = lam.astype(labels.dtype) * labels + (1 - lam).astype(labels.dtype) * labels[perm]
     return images, labels
@@ -628,7 +644,7 @@ def _make(item):
 def parse(spec: str):
   """Spec string -> list of stages: ('example', [ops]) or ('batch', op)."""
   spec = (spec or '').strip()
-  if spec.lower() == 'none':
+  if spec.lower() in ('', 'none'):
     return []
   stages = []
   for item in spec.split('|'):
@@ -648,8 +664,8 @@ def parse(spec: str):
 
 
 def _chain(ops):
-  def one(key, image):
-    for k, op in zip(jax.random.split(key, len(ops)), ops):
+  def one(keys, image):
+    for k, op in zip(keys, ops):
       image = op(k, image).astype(image.dtype)
     return image
   return one
@@ -663,15 +679,18 @@ def build(spec: str) -> Callable[[jax.Array, jax.Array, jax.Array],
   batch ops (mixup, cutmix) see the whole batch. Pure, jit-able. Raises UserError
   for a bad spec, here rather than at trace time.
   """
-  stages = [(kind, _chain(ops) if kind == 'example' else ops)
+  stages = [(kind, _chain(ops), len(ops)) if kind == 'example' else (kind, ops, 0)
             for kind, ops in parse(spec)]
 
   def apply(key, images, labels):
     if not stages:
       return images, labels
-    for k, (kind, fn) in zip(jax.random.split(key, len(stages)), stages):
+    for k, (kind, fn, n) in zip(jax.random.split(key, len(stages)), stages):
       if kind == 'example':
-        images = jax.vmap(fn)(jax.random.split(k, images.shape[0]), images)
+        # All per-example keys in one split outside the vmap: a split inside it
+        # would be another batched threefry per op.
+        keys = jax.random.split(k, (images.shape[0], n))
+        images = jax.vmap(fn)(keys, images)
       else:
         images, labels = fn(k, images, labels)
     return images, labels
