@@ -210,6 +210,32 @@ def test_colour_ops_keep_gray_pixels_gray_and_grayscale_is_gray():
   assert float(jnp.abs(hue - x).mean()) > 0.02
 
 
+def test_tone_ops_follow_their_formulas():
+  x = np.asarray(_images())
+  # brightness: one factor per image, within [1 - s, 1 + s].
+  out = np.asarray(_run('brightness(strength=0.5)')[0])
+  inside = out < 1
+  ratio = np.where(inside, out / x, np.nan).reshape(B, -1)
+  np.testing.assert_allclose(np.nanmax(ratio, 1), np.nanmin(ratio, 1), rtol=1e-4)
+  assert (np.nanmin(ratio, 1) >= 0.5 - 1e-6).all() and (np.nanmax(ratio, 1) <= 1.5 + 1e-6).all()
+  # solarize: each pixel is kept or inverted, and the inverted ones are exactly
+  # those above one threshold per image.
+  out = np.asarray(_run('solarize')[0]).reshape(B, -1)
+  flat = x.reshape(B, -1)
+  inverted = np.isclose(out, 1 - flat, atol=1e-6) & ~np.isclose(out, flat, atol=1e-6)
+  assert (inverted | np.isclose(out, flat, atol=1e-6)).all()
+  for xi, inv in zip(flat, inverted):
+    assert not inv.any() or not (~inv).any() or xi[inv].min() > xi[~inv].max()
+  assert inverted.any()
+  # posterize: each image keeps b in [2, 8] bits; 8 bits leaves it as it was.
+  out = np.asarray(_run('posterize(bits=2)')[0]).reshape(B, -1)
+  for o, xi in zip(out, flat):
+    levels = np.unique(np.round(o * 255))
+    assert np.array_equal(o, xi) or (
+        np.allclose(o * 255, np.round(o * 255), atol=1e-3) and len(levels) <= 128)
+  assert min(len(np.unique(np.round(o * 255))) for o in out) <= 4  # some image got 2 bits
+
+
 def test_trivial_picks_one_op_per_image():
   x = _images()
   same = []
