@@ -1,5 +1,6 @@
 """Command-line plumbing shared by the entry points: one-line errors, exit status 2."""
 
+import re
 import sys
 from typing import Callable
 
@@ -24,6 +25,15 @@ def _parse_flags(argv):
     return flags.FLAGS(argv)
   except flags.Error as e:
     fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+  except (AttributeError, KeyError) as e:
+    # ml_collections reports an unknown `--config.KEY` as a nested KeyError text.
+    text = str(e).replace('\\n', ' ').replace("\\'", "'")
+    key = re.search(r"'(\w+)'", text)
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    fail(f"unknown config key {key.group(1) if key else text!r}"
+         + (f' (did you mean {hint.group(1)!r}?)' if hint else ''))
+  except (ValueError, TypeError) as e:
+    fail(f'bad flag value: {" ".join(str(e).split())}')
 
 
 def run(main: Callable) -> None:

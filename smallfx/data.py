@@ -137,27 +137,34 @@ def load_fashion_mnist(config) -> Source:
 
 def load_tfds(name: str, config) -> Source:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = config.data_dir or None
+
+  def records(split):
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+
   try:
-    builder = tfds.builder(name, data_dir=config.data_dir or None)
-    sources = tfds.data_source(name, data_dir=config.data_dir or None, download=False)
+    train = records('train')
+    builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises many types for a missing or unknown dataset.
     raise UserError(f'tfds dataset {name!r} is not available: {str(e).splitlines()[0]} '
                     '(prepare it with tfds first; this machine cannot download)') from None
-  keys = [k for k in ('image', 'label') if k in builder.info.features]
-  if keys != ['image', 'label']:
+  features = builder.info.features
+  if 'image' not in features or 'label' not in features:
     raise UserError(f'tfds dataset {name!r} has no image and label features')
 
-  def split(s):
-    records = sources[s]
-    images = np.stack([np.asarray(records[i]['image']) for i in range(len(records))])
-    labels = np.array([records[i]['label'] for i in range(len(records))], np.int32)
+  def split(source):
+    items = [source[i] for i in range(len(source))]
+    images = np.stack([np.asarray(r['image'], np.uint8) for r in items])
+    labels = np.array([r['label'] for r in items], np.int32)
     return Split(images if images.ndim == 4 else images[..., None], labels)
 
-  names = list(builder.info.features['label'].names)
-  if 'test' not in sources:
-    images_labels = split('train')
-    return held_out_split(images_labels.images, images_labels.labels, names)
-  return Source(split('train'), split('test'), names)
+  names = list(features['label'].names)
+  try:
+    test = records('test')
+  except Exception:  # No test split: hold one out of train, as for the digits.
+    whole = split(train)
+    return held_out_split(whole.images, whole.labels, names)
+  return Source(split(train), split(test), names)
 
 
 def _read_image_folder(root: str, size, channels: int):

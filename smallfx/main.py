@@ -23,8 +23,14 @@ def main(argv):
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   from smallfx import train  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
-  name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS['config'])))[0]
+  path = config_flags.get_config_filename(flags.FLAGS['config'])
+  try:
+    config = _CONFIG.value
+    config.to_json()  # config_flags defers loading errors to the first use.
+  except OSError as e:
+    raise cli.UserError(f'cannot load config {path}: '
+                        f'{str(e).strip().splitlines()[-1].strip()}') from None
+  name = os.path.splitext(os.path.basename(path))[0]
   train.train_and_evaluate(config, _WORKDIR.value or train.default_workdir(config, name))
 
 

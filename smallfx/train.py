@@ -95,9 +95,9 @@ def update(state: TrainState, images: jax.Array, labels: jax.Array, *, model, lo
       'train/loss': value,
       'train/accuracy': accuracy,
       'train/learning_rate': learning_rate(state.step),
-      'train/grad_norm': optax.global_norm(grads),
-      'train/param_norm': optax.global_norm(params),
-      'train/update_norm': optax.global_norm(updates),
+      'train/grad_norm': optax.tree.norm(grads),
+      'train/param_norm': optax.tree.norm(params),
+      'train/update_norm': optax.tree.norm(updates),
   }
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=new_vars.get('batch_stats', state.batch_stats))
@@ -330,7 +330,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   dynamic_ncols=True)
   pending, window_start, throughput = [], time.perf_counter(), []
   t0, val = time.perf_counter(), {}
-  last_good = start
   step = start
   while step < setup.total_steps:
     state, m = train_step(state, images_dev, labels_dev)
@@ -347,12 +346,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     window = jax.device_get(pending)
     elapsed = time.perf_counter() - window_start
     for offset, w in enumerate(window):
-      if not np.all(np.isfinite(w['train/loss'])):
+      # A finite loss with an infinite gradient already poisons the parameters.
+      bad_keys = [k for k in ('train/loss', 'train/grad_norm', 'train/param_norm')
+                  if not np.all(np.isfinite(w[k]))]
+      if bad_keys:
         bad = step - len(window) + offset + 1
         mngr.wait_until_finished()
         bar.close()
-        raise UserError(f'loss became non-finite at step {bad}; the last good checkpoint '
-                        f'(step {last_good}) is kept in {workdir}/checkpoints. Lower '
+        what = bad_keys[0].split('/')[1].replace('_', ' ')
+        kept = (f'the last good checkpoint (step {mngr.latest_step()}) is kept in '
+                f'{workdir}/checkpoints' if mngr.latest_step() is not None
+                else 'no checkpoint had been saved yet')
+        raise UserError(f'{what} became non-finite at step {bad}; {kept}. Lower '
                         '--config.learning_rate or set --config.grad_clip_norm')
     scalars = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
     rate = images_per_step * len(window) / max(elapsed, 1e-9)
@@ -367,7 +372,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     val_acc=f"{val['accuracy']:.3f}" if val else '-')
     if save_now:
       mngr.save(step, args=ocp.args.StandardSave(state))
-      last_good = step
     window_start = time.perf_counter()
   bar.close()
   mngr.wait_until_finished()

@@ -1,0 +1,184 @@
+"""The training path: the jitted step, seeds, outputs, resume and user errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from smallfx import checkpoint
+from smallfx import config as base
+from smallfx import data as data_lib
+from smallfx import metrics
+from smallfx import train
+
+from conftest import REPO, run_cli
+
+QUICK = ['--config.model=resnet20', '--config.width=0.5', '--config.num_steps=120',
+         '--config.log_every_steps=20', '--config.eval_every_steps=40',
+         '--config.checkpoint_every_steps=40', '--config.progress=False']
+
+
+def small_config(**kw):
+  c = base.default()
+  c.update(dict(model='resnet20', width=0.25, num_steps=30, augment='crop(pad=1)|flip'))
+  c.update(kw)
+  return c
+
+
+def _setup(config):
+  ds = data_lib.load(config)
+  setup = train.build(config, ds.num_classes, len(ds.train.labels))
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(config.seed), i))(
+      jnp.arange(config.num_seeds))
+  state = jax.vmap(lambda k: train.init_state(setup.model, setup.tx, ds.image_shape, k))(keys)
+  state = state.replace(rng=jax.random.key_data(state.rng))
+  return ds, setup, state
+
+
+def test_train_step_compiles_once_and_learns(monkeypatch):
+  config = small_config(loss='cosine_xent')
+  ds, setup, state = _setup(config)
+  monkeypatch.setattr(train, 'update', chex.assert_max_traces(train.update, n=1))
+  step = train.make_train_step(setup, ds.num_classes, 0.5, 0.25)
+  images, labels = jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)
+  losses = []
+  for _ in range(30):
+    state, m = step(state, images, labels)
+    losses.append(float(m['train/loss'][0]))
+  assert set(m) >= {'train/loss', 'train/accuracy', 'train/learning_rate', 'train/grad_norm',
+                    'train/param_norm', 'train/update_norm'}
+  chex.assert_shape(m['train/loss'], (1,))
+  assert int(state.step[0]) == 30
+  assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_seeds_are_independent_and_seed0_matches_a_single_run():
+  one = _setup(small_config(num_seeds=1))
+  three = _setup(small_config(num_seeds=3))
+  ds, setup, s1 = one
+  _, setup3, s3 = three
+  step1 = train.make_train_step(setup, ds.num_classes, 0.5, 0.25)
+  step3 = train.make_train_step(setup3, ds.num_classes, 0.5, 0.25)
+  images, labels = jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)
+  for _ in range(5):
+    s1, m1 = step1(s1, images, labels)
+    s3, m3 = step3(s3, images, labels)
+  chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], s3.params),
+                              jax.tree.map(lambda x: x[0], s1.params), rtol=1e-4, atol=1e-5)
+  first = jax.tree.leaves(s3.params)[0]
+  assert not np.allclose(first[0], first[1]), 'seeds must start from different weights'
+  chex.assert_shape(m3['train/loss'], (3,))
+
+
+def test_evaluate_pads_last_batch_and_counts_every_image():
+  config = small_config(num_seeds=2)
+  ds, setup, state = _setup(config)
+  ev = train.make_eval_step(setup, ds.num_classes, 0.5, 0.25)
+  full = train.evaluate(ev, state, ds.test, batch_size=len(ds.test.labels))
+  chunked = train.evaluate(ev, state, ds.test, batch_size=64)  # 535 = 8 * 64 + 23
+  np.testing.assert_allclose(chunked['accuracy_per_seed'], full['accuracy_per_seed'])
+  np.testing.assert_allclose(chunked['loss_per_seed'], full['loss_per_seed'], rtol=1e-5)
+  assert chunked['ensemble_accuracy'] == full['ensemble_accuracy']
+
+
+def test_main_writes_outputs_and_reports_again(tmp_path):
+  workdir = str(tmp_path / 'run')
+  r = run_cli('smallfx.main', '--config=configs/cosine.py', f'--workdir={workdir}', *QUICK)
+  assert r.returncode == 0, r.stderr
+  assert 'test accuracy' in r.stdout and 'random_forest' in r.stdout
+  for name in ('config.json', 'metrics.jsonl', 'results.json', 'model.json', 'checkpoints'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  results = json.load(open(os.path.join(workdir, 'results.json')))
+  assert results['steps'] == 120 and 0.0 <= results['test_accuracy'] <= 1.0
+  assert 0.5 < results['baseline_accuracy'] <= 1.0
+  assert results['images_per_sec'] > 0 and results['versions']['jax'] == jax.__version__
+  logged = metrics.read(workdir)
+  assert [m['step'] for m in logged if 'train/loss' in m] == list(range(20, 121, 20))
+  assert any('val/accuracy' in m for m in logged)
+  # A finished run reports again without training.
+  again = run_cli('smallfx.main', '--config=configs/cosine.py', f'--workdir={workdir}', *QUICK)
+  assert again.returncode == 0 and again.stdout == r.stdout
+  assert len(metrics.read(workdir)) == len(logged)
+  variables, spec = checkpoint.load_variables(workdir)
+  assert spec['num_seeds'] == 1 and spec['loss'] == 'cosine'
+  assert jax.tree.leaves(variables['params'])[0].shape[0] == 1
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+  args = ['--config=configs/cosine.py', *QUICK, '--config.num_steps=400',
+          '--config.checkpoint_every_steps=50']
+  straight = run_cli('smallfx.main', *args, f'--workdir={tmp_path / "straight"}')
+  assert straight.returncode == 0, straight.stderr
+  workdir = tmp_path / 'killed'
+  proc = subprocess.Popen([sys.executable, '-m', 'smallfx.main', *args, f'--workdir={workdir}'],
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  ckpts = workdir / 'checkpoints'
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
+    if steps and max(steps) >= 100:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, 'the run finished before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (workdir / 'results.json').exists()
+  resumed = run_cli('smallfx.main', *args, f'--workdir={workdir}')
+  assert resumed.returncode == 0, resumed.stderr
+  a = json.load(open(tmp_path / 'straight' / 'results.json'))
+  b = json.load(open(workdir / 'results.json'))
+  assert b['resumed_from_step'] >= 100
+  assert a['test_accuracy'] == b['test_accuracy']
+  np.testing.assert_allclose(a['test_loss'], b['test_loss'], rtol=1e-5)
+  steps = [m['step'] for m in metrics.read(workdir) if 'train/loss' in m]
+  assert steps == sorted(set(steps)), 'resumed metrics must not repeat steps'
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.lossy=xent', 'lossy'),
+    ('--config.loss=cosin', "unknown loss 'cosin'; valid: cosine, cosine_xent, xent, xent_smooth"),
+    ('--config.model=resnet21', "unknown model 'resnet21'; valid:.*resnet20"),
+    ('--config.optimizer=adam', "unknown optimizer 'adam'; valid: adamw, sgd"),
+    ('--config.dataset=digitz', "unknown dataset 'digitz'"),
+    ('--config.samples_per_class=500', "class '.' has only"),
+    ('--config.dataset=fashion_mnist --config.data_dir=/nonexistent', 'apt-get install'),
+    ('--config.augment=flop', "flop"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, flag, message):
+  r = run_cli('smallfx.main', '--config=configs/cosine.py', f'--workdir={tmp_path}',
+              *flag.split())
+  assert r.returncode == 2, r.stderr
+  lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1 and 'Traceback' not in r.stderr, r.stderr
+  assert __import__('re').search(message, lines[0]), lines[0]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  r = run_cli('smallfx.main', '--config=configs/xent.py', f'--workdir={tmp_path}',
+              '--config.model=mlp', '--config.learning_rate=300', '--config.schedule=constant',
+              '--config.warmup_steps=100', '--config.checkpoint_every_steps=5',
+              '--config.log_every_steps=5', '--config.num_steps=200', '--config.progress=False')
+  assert r.returncode == 2
+  line = r.stderr.strip().splitlines()[-1]
+  bad = int(__import__('re').search(r'non-finite at step (\d+)', line).group(1))
+  variables, _ = checkpoint.load_variables(str(tmp_path))
+  assert f'(step {bad - bad % 5 if bad % 5 else bad - 5})' in line
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+
+
+def test_changed_config_refuses_to_resume(tmp_path):
+  r = run_cli('smallfx.main', '--config=configs/cosine.py', f'--workdir={tmp_path}', *QUICK,
+              '--config.num_steps=20')
+  assert r.returncode == 0, r.stderr
+  r = run_cli('smallfx.main', '--config=configs/cosine.py', f'--workdir={tmp_path}', *QUICK,
+              '--config.num_steps=20', '--config.learning_rate=0.05')
+  assert r.returncode == 2 and 'learning_rate' in r.stderr
