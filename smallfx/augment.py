@@ -82,7 +82,9 @@ def _gray(image):
     return image
   if image.shape[-1] != 3:
     raise UserError(f'augment: colour ops need 1 or 3 channels, got {image.shape[-1]}')
-  return image @ jnp.asarray(_LUMA, image.dtype)[:, None]
+  # Weighted channel sum, not a matmul: a 3-long contraction per pixel is a tiny
+  # batched dot under vmap, which CPU XLA runs many times slower than this.
+  return sum(wt * image[..., i:i + 1] for i, wt in enumerate(_LUMA))
 
 
 def _bilinear(image, ys, xs, edge=False):
@@ -307,7 +309,8 @@ def contrast(strength: float = 0.2):
     return _identity
 
   def op(key, image):
-    mean = jnp.mean(_gray(image))
+    # Mean of the luma = luma of the channel means: reduce first, it is cheaper.
+    mean = jnp.mean(_gray(jnp.mean(image, axis=(0, 1), keepdims=True)))
     return jnp.clip(mean + _factor(key, s) * (image - mean), 0, 1)
   return op
 
@@ -347,8 +350,10 @@ def hue(strength: float = 0.05):
     a = 2 * jnp.pi * _between(_u(key, 1)[0], -s, s)
     c, si = jnp.cos(a), jnp.sin(a)
     rot = jnp.array([[1, 0, 0], [0, c, -si], [0, si, c]], jnp.float32)
-    mat = jnp.asarray(_YIQ_INV) @ rot @ jnp.asarray(_YIQ)
-    return jnp.clip(image @ mat.T.astype(image.dtype), 0, 1)
+    mat = (jnp.asarray(_YIQ_INV) @ rot @ jnp.asarray(_YIQ)).astype(image.dtype)
+    # Channel sums rather than `image @ mat.T`: see _gray (about 10x faster on CPU).
+    out = jnp.stack([sum(mat[r, k] * image[..., k] for k in range(3)) for r in range(3)], -1)
+    return jnp.clip(out, 0, 1)
   return op
 
 
