@@ -63,3 +63,8 @@ def build(name: str, num_outputs: int, num_classes: int = 0, width: float = 1.0,
   backbone = BACKBONES[name](width=width, dtype=dtype)
   return Net(backbone=backbone, num_outputs=num_outputs, num_classes=num_classes,
              dtype=dtype)
+
+# Architectures with PyTorch-pretrained weights (see smallfx.convert).
+from smallfx.models import efficientnet_lite, resnet_imagenet  # noqa: E402
+BACKBONES.update(efficientnet_lite.factories())
+BACKBONES.update(resnet_imagenet.factories())
