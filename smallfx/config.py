@@ -40,6 +40,8 @@ def default() -> ml_collections.ConfigDict:
   c.seed = 0
   c.num_seeds = 1
   c.resample_per_seed = False
+  c.seed_devices = 1   # devices along the seed axis; the rest split the batch.
+  c.distributed = False  # multi-host: jax.distributed.initialize() from the environment.
 
   # Bookkeeping.
   c.log_every_steps = 50

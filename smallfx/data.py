@@ -49,6 +49,7 @@ class Dataset:
   val: Split
   test: Split
   class_names: list[str]
+  pool: Split | None = None  # the train pool minus validation, before sub-sampling
 
   @property
   def num_classes(self) -> int:
@@ -253,10 +254,19 @@ def load(config) -> Dataset:
     pool = Split(pool.images[rest], pool.labels[rest])
   else:
     val = Split(pool.images[:0], pool.labels[:0])
-  if config.samples_per_class:
-    # A different seed stream from validation, so changing samples_per_class
-    # never moves an image between validation and training.
-    idx, _ = stratified_split(pool.labels, config.samples_per_class, config.data_seed + 1, names)
-    pool = Split(pool.images[idx], pool.labels[idx])
   size = _size(config.image_size)
-  return Dataset(_resize(pool, size), _resize(val, size), _resize(source.test, size), names)
+  dataset = Dataset(pool, _resize(val, size), _resize(source.test, size), names, pool=pool)
+  dataset.train = resample_train(dataset, config, 0)
+  return dataset
+
+
+def resample_train(dataset: Dataset, config, k: int) -> Split:
+  """The k-th sub-sample of the training pool (k = 0: the run's training split)."""
+  pool = dataset.pool
+  if config.samples_per_class:
+    # Another seed stream than validation's, so changing samples_per_class never
+    # moves an image between validation and training.
+    seed = config.data_seed + 1 + 7919 * k
+    idx, _ = stratified_split(pool.labels, config.samples_per_class, seed, dataset.class_names)
+    pool = Split(pool.images[idx], pool.labels[idx])
+  return _resize(pool, _size(config.image_size))

@@ -19,6 +19,26 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder; default runs/NAM
 flags.mark_flags_as_required(['config'])
 
 
+def _initialize_distributed():
+  """Joins a multi-process run through JAX's own runtime.
+
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID name the run where
+  set; otherwise jax.distributed detects the cluster (SLURM, Open MPI, TPU pods).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  env = os.environ
+  kwargs = {}
+  if 'JAX_NUM_PROCESSES' in env:
+    kwargs = dict(coordinator_address=env.get('JAX_COORDINATOR_ADDRESS'),
+                  num_processes=int(env['JAX_NUM_PROCESSES']),
+                  process_id=int(env.get('JAX_PROCESS_ID', 0)))
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    raise cli.UserError(f'cannot start the multi-process run: {" ".join(str(e).split())}; set '
+                        'JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID') from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -31,6 +51,8 @@ def main(argv):
     raise cli.UserError(f'cannot load config {path}: '
                         f'{str(e).strip().splitlines()[-1].strip()}') from None
   name = os.path.splitext(os.path.basename(path))[0]
+  if config.distributed:
+    _initialize_distributed()
   train.train_and_evaluate(config, _WORKDIR.value or train.default_workdir(config, name))
 
 

@@ -7,6 +7,7 @@ function, with the state donated. `num_seeds` models share that function through
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -119,20 +120,64 @@ def draw_batch(state: TrainState, images_u8, labels, *, batch_size, num_classes,
   return (x - mean) / std, y
 
 
-def make_train_step(setup: Setup, num_classes: int, mean, std):
-  """(state, images_u8, labels) -> (state, metrics), vmapped over seeds and jitted."""
+def make_mesh(config) -> jax.sharding.Mesh:
+  """A ('seed', 'data') mesh over every device of every process.
+
+  By default all devices split the batch ('data'). With `seed_devices` > 1, seeds
+  are laid over devices too: worth it when there are more devices than a small
+  batch can keep busy.
+  """
+  n, k = jax.device_count(), config.seed_devices
+  if k < 1 or n % k or config.num_seeds % k:
+    raise UserError(f'seed_devices={k} must divide both the device count ({n}) and '
+                    f'num_seeds ({config.num_seeds})')
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  return jax.make_mesh((k, n // k), ('seed', 'data'), axis_types=auto)
+
+
+def _shardings(mesh):
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  named = lambda *spec: jax.sharding.NamedSharding(mesh, P(*spec))
+  # state: seed axis over 'seed'; batch: (seed, batch) over ('seed', 'data');
+  # the dataset is small, so every device keeps all of it.
+  return named('seed'), named(None, 'data'), named()
+
+
+def make_train_step(setup: Setup, num_classes: int, mean, std, mesh=None,
+                    per_seed_data: bool = False):
+  """(state, images_u8, labels) -> (state, metrics), vmapped over seeds and jitted.
+
+  Data parallelism is SPMD under `jax.jit`: the batch is constrained to split
+  over the mesh's 'data' axis and XLA inserts the all-reduces of gradients and
+  BatchNorm statistics, so the maths is the same on 1 or N devices.
+  """
+  mesh = mesh or jax.make_mesh((1, 1), ('seed', 'data'), (jax.sharding.AxisType.Auto,) * 2)
+  state_sharding, batch_sharding, replicated = _shardings(mesh)
+  # With `resample_per_seed` every seed trains on its own sub-sample: the data
+  # gets a leading seed axis, laid out like the state.
+  data_axis, data_sharding = (0, state_sharding) if per_seed_data else (None, replicated)
 
   def step(state, images_u8, labels):
-    x, y = draw_batch(state, images_u8, labels, batch_size=setup.batch_size,
-                      num_classes=num_classes, augment=setup.augment, mean=mean, std=std)
-    return update(state, x, y, model=setup.model, loss=setup.loss, tx=setup.tx,
-                  learning_rate=setup.learning_rate)
+    x, y = jax.vmap(functools.partial(
+        draw_batch, batch_size=setup.batch_size, num_classes=num_classes,
+        augment=setup.augment, mean=mean, std=std), in_axes=(0, data_axis, data_axis))(
+            state, images_u8, labels)
+    x = jax.lax.with_sharding_constraint(x, batch_sharding)
+    y = jax.lax.with_sharding_constraint(y, batch_sharding)
+    return jax.vmap(functools.partial(update, model=setup.model, loss=setup.loss, tx=setup.tx,
+                                      learning_rate=setup.learning_rate))(state, x, y)
 
-  return jax.jit(jax.vmap(step, in_axes=(0, None, None)), donate_argnums=0)
+  return jax.jit(step, donate_argnums=0,
+                 in_shardings=(state_sharding, data_sharding, data_sharding),
+                 out_shardings=(state_sharding, replicated))
 
 
-def make_eval_step(setup: Setup, num_classes: int, mean, std):
+def make_eval_step(setup: Setup, num_classes: int, mean, std, mesh=None):
   """(state, images_u8, labels, mask) -> per-seed sums and probabilities."""
+  mesh = mesh or jax.make_mesh((1, 1), ('seed', 'data'), (jax.sharding.AxisType.Auto,) * 2)
+  state_sharding, _, replicated = _shardings(mesh)
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  examples = jax.sharding.NamedSharding(mesh, P('data'))
 
   def step(state, images_u8, labels, mask):
     outputs = setup.model.apply({'params': state.params, 'batch_stats': state.batch_stats},
@@ -143,7 +188,17 @@ def make_eval_step(setup: Setup, num_classes: int, mean, std):
     loss = setup.loss.per_example(outputs, onehot) * mask
     return {'correct': correct.sum(), 'loss': loss.sum()}, jax.nn.softmax(scores)
 
-  return jax.jit(jax.vmap(step, in_axes=(0, None, None, None)))
+  jitted = jax.jit(jax.vmap(step, in_axes=(0, None, None, None)),
+                   in_shardings=(state_sharding, examples, examples, examples),
+                   out_shardings=replicated)
+
+  def run(state, *host_arrays):
+    # Every process holds the same host batch; each device takes its slice of it
+    # (the one way to feed numpy data to devices that span several processes).
+    return jitted(state, *(jax.make_array_from_callback(a.shape, examples, lambda i, a=a: a[i])
+                           for a in host_arrays))
+
+  return run
 
 
 def evaluate(eval_step, state, split: data_lib.Split, batch_size: int) -> dict:
@@ -155,7 +210,9 @@ def evaluate(eval_step, state, split: data_lib.Split, batch_size: int) -> dict:
   n = len(split.labels)
   if n == 0:
     return {}
-  batch_size = min(batch_size, n)
+  # Every batch has the same shape (one compiled function) and splits evenly over devices.
+  devices = jax.device_count()
+  batch_size = -(-min(batch_size, n) // devices) * devices
   totals, correct_ensemble = None, 0
   for start in range(0, n, batch_size):
     x, y = split.images[start:start + batch_size], split.labels[start:start + batch_size]
@@ -280,34 +337,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _write_config(config, workdir)
   results_path = os.path.join(workdir, 'results.json')
 
+  mesh = make_mesh(config)
   dataset = data_lib.load(config)
   num_classes = dataset.num_classes
   setup = build(config, num_classes, len(dataset.train.labels))
+  if setup.batch_size % mesh.shape['data']:
+    raise UserError(f'batch_size={setup.batch_size} must be a multiple of the '
+                    f"{mesh.shape['data']} devices that split it")
   train_float = dataset.train.images.astype(np.float32) / 255.0
   mean = train_float.mean(axis=(0, 1, 2))
   std = np.maximum(train_float.std(axis=(0, 1, 2)), 1e-3)
   del train_float
-  checkpoint.write_model_spec(workdir, {
-      'model': config.model, 'width': config.width, 'dtype': config.dtype,
-      'num_outputs': config.embedding_dim or num_classes,
-      'num_classes': num_classes if setup.loss.needs_classifier else 0,
-      'loss': config.loss, 'image_size': list(dataset.image_shape[:2]),
-      'channels': int(dataset.image_shape[2]), 'mean': mean.tolist(), 'std': std.tolist(),
-      'class_names': dataset.class_names, 'class_embeddings': None,
-      'num_seeds': config.num_seeds})
+  if jax.process_index() == 0:
+    checkpoint.write_model_spec(workdir, {
+        'model': config.model, 'width': config.width, 'dtype': config.dtype,
+        'num_outputs': config.embedding_dim or num_classes,
+        'num_classes': num_classes if setup.loss.needs_classifier else 0,
+        'loss': config.loss, 'image_size': list(dataset.image_shape[:2]),
+        'channels': int(dataset.image_shape[2]), 'mean': mean.tolist(), 'std': std.tolist(),
+        'class_names': dataset.class_names, 'class_embeddings': None,
+        'num_seeds': config.num_seeds})
 
   seed_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(config.seed), i))(
       jnp.arange(config.num_seeds))
   init = jax.jit(jax.vmap(lambda k: init_state(setup.model, setup.tx, dataset.image_shape,
                                                k)))
+  state_sharding, _, replicated = _shardings(mesh)
   abstract = jax.eval_shape(init, seed_keys)
   abstract = abstract.replace(rng=jax.ShapeDtypeStruct((config.num_seeds, 2), jnp.uint32))
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=state_sharding), abstract)
 
   mngr = checkpoint.manager(workdir)
   start = mngr.latest_step()
   if start is None:
     state = init(seed_keys)
-    state = state.replace(rng=jax.random.key_data(state.rng))
+    state = jax.device_put(state.replace(rng=jax.random.key_data(state.rng)), state_sharding)
     start = 0
   else:
     state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
@@ -318,14 +383,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mngr.close()
     return results
 
-  train_step = make_train_step(setup, num_classes, mean, std)
-  eval_step = make_eval_step(setup, num_classes, mean, std)
-  images_dev = jax.device_put(dataset.train.images)
-  labels_dev = jax.device_put(dataset.train.labels)
+  train_step = make_train_step(setup, num_classes, mean, std, mesh, config.resample_per_seed)
+  eval_step = make_eval_step(setup, num_classes, mean, std, mesh)
+  if config.resample_per_seed:
+    splits = [dataset.train] + [data_lib.resample_train(dataset, config, k)
+                                for k in range(1, config.num_seeds)]
+    images_dev = jax.device_put(np.stack([s.images for s in splits]), state_sharding)
+    labels_dev = jax.device_put(np.stack([s.labels for s in splits]), state_sharding)
+  else:
+    images_dev = jax.device_put(dataset.train.images, replicated)
+    labels_dev = jax.device_put(dataset.train.labels, replicated)
   writer = metrics_lib.Writer(workdir, resume_step=start)
   images_per_step = setup.batch_size * config.num_seeds
 
-  bar = tqdm.tqdm(total=setup.total_steps, initial=start, disable=not config.progress,
+  bar = tqdm.tqdm(total=setup.total_steps, initial=start,
+                  disable=not config.progress or jax.process_index() != 0,
                   desc=os.path.basename(workdir.rstrip('/')), unit='step', file=sys.stderr,
                   dynamic_ncols=True)
   pending, window_start, throughput = [], time.perf_counter(), []
@@ -407,5 +479,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(results_path + '.tmp', 'w') as f:
       json.dump(results, f, indent=1)
     os.replace(results_path + '.tmp', results_path)
-  print(summary_line(results, workdir))
+    print(summary_line(results, workdir))
   return results

@@ -1,0 +1,116 @@
+"""Data parallelism, seed sharding, multi-process runs: same maths on any layout."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from smallfx import metrics
+
+from conftest import REPO, run_cli
+
+ARGS = ['--config=configs/cosine.py', '--config.width=0.5', '--config.num_steps=40',
+        '--config.log_every_steps=10', '--config.eval_every_steps=20',
+        '--config.checkpoint_every_steps=20', '--config.progress=False',
+        '--config.baseline=none']
+
+
+def devices(n):
+  return {'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}'}
+
+
+def train_losses(workdir):
+  return [m['train/loss'] for m in metrics.read(workdir) if 'train/loss' in m]
+
+
+def results(workdir):
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f)
+
+
+def test_one_two_four_devices_agree(tmp_path):
+  runs = {}
+  for n in (1, 2, 4):
+    r = run_cli('smallfx.main', *ARGS, f'--workdir={tmp_path / str(n)}', env=devices(n))
+    assert r.returncode == 0, r.stderr
+    runs[n] = tmp_path / str(n)
+    assert len(results(runs[n])['devices']) == n
+  for n in (2, 4):
+    np.testing.assert_allclose(train_losses(runs[n]), train_losses(runs[1]), rtol=1e-4)
+    assert abs(results(runs[n])['test_accuracy'] - results(runs[1])['test_accuracy']) <= 2 / 535
+
+
+def test_step_is_partitioned_over_devices():
+  """The batch really is split: the compiled step all-reduces gradients across devices."""
+  code = '''
+import jax, jax.numpy as jnp
+from smallfx import config as base, data, train
+c = base.default(); c.width = 0.25
+ds = data.load(c)
+setup = train.build(c, ds.num_classes, len(ds.train.labels))
+mesh = train.make_mesh(c)
+step = train.make_train_step(setup, ds.num_classes, 0.5, 0.25, mesh)
+k = jax.random.key(0)[None]
+state = jax.vmap(lambda k: train.init_state(setup.model, setup.tx, ds.image_shape, k))(k)
+state = state.replace(rng=jax.random.key_data(state.rng))
+hlo = step.lower(state, ds.train.images, ds.train.labels).compile().as_text()
+print('ALLREDUCE' if 'all-reduce' in hlo else 'NONE', jax.device_count())
+'''
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, **devices(4)), timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ['ALLREDUCE', '4']
+
+
+def test_seeds_on_devices_and_resume(tmp_path):
+  args = [*ARGS, '--config.num_seeds=4', '--config.seed_devices=2',
+          '--config.resample_per_seed=True']
+  workdir = tmp_path / 'run'
+  r = run_cli('smallfx.main', *args, f'--workdir={workdir}', env=devices(4))
+  assert r.returncode == 0, r.stderr
+  first = results(workdir)
+  assert len(first['test_accuracy_per_seed']) == 4
+  assert len(set(first['test_accuracy_per_seed'])) > 1
+  assert 'ensemble' in r.stdout and 0 <= first['test_ensemble_accuracy'] <= 1
+  np.testing.assert_allclose(first['test_accuracy'], np.mean(first['test_accuracy_per_seed']))
+  # Drop the final checkpoint and the results: the run resumes from step 20 on a
+  # different device layout and must end where it ended before.
+  shutil.rmtree(workdir / 'checkpoints' / '40')
+  os.remove(workdir / 'results.json')
+  r = run_cli('smallfx.main', *args, f'--workdir={workdir}', env=devices(2))
+  assert r.returncode == 0, r.stderr
+  second = results(workdir)
+  assert second['resumed_from_step'] == 20
+  np.testing.assert_allclose(second['test_accuracy_per_seed'], first['test_accuracy_per_seed'],
+                             atol=2 / 535)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  single = tmp_path / 'single'
+  r = run_cli('smallfx.main', *ARGS, f'--workdir={single}', env=devices(4))
+  assert r.returncode == 0, r.stderr
+  multi = tmp_path / 'multi'
+  env = dict(os.environ, **devices(2), JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}',
+             JAX_NUM_PROCESSES='2', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  procs = [subprocess.Popen([sys.executable, '-m', 'smallfx.main', *ARGS, f'--workdir={multi}',
+                             '--config.distributed=True'], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err
+  assert 'test accuracy' in outs[0][0] and 'test accuracy' not in outs[1][0], 'only process 0 reports'
+  assert len(results(multi)['devices']) == 4
+  np.testing.assert_allclose(train_losses(multi), train_losses(single), rtol=1e-5)
+  assert results(multi)['test_accuracy'] == results(single)['test_accuracy']
