@@ -247,6 +247,20 @@ def test_tool_converts_efficientnet_lite0(tmp_path):
   # Converting again into the same workdir replaces the conversion.
   assert _tool('--arch', 'efficientnet_lite0', '--workdir', workdir).returncode == 0
 
+  # End to end: the converted model names the cat in a photograph, via the CLI.
+  data = pytest.importorskip('skimage.data')
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  photo = str(tmp_path / 'chelsea.png')
+  Image.fromarray(data.chelsea()).save(photo)
+  result = subprocess.run([sys.executable, '-m', 'smallfx.predict', f'--workdir={workdir}',
+                           '--top_k', '3', photo], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, check=False)
+  assert result.returncode == 0, result.stderr
+  line = json.loads(result.stdout)
+  assert line['image'] == photo and len(line['top_k']) == 3
+  best = line['top_k'][0]
+  assert 281 <= best['index'] <= 285 and 'cat' in best['name'] and best['prob'] > 0.5, line
+
 
 def test_tool_errors_are_one_line_exit_2(tmp_path):
   for args, message in [
@@ -270,3 +284,28 @@ def test_tool_refuses_a_training_workdir(tmp_path):
   (workdir / 'checkpoints' / '100').mkdir(parents=True)
   result = _tool('--arch', 'resnet18', '--workdir', str(workdir), '--weights', weights)
   assert result.returncode == 2 and 'already holds checkpoints' in result.stderr
+
+
+def test_predict_averages_seeds_of_a_training_checkpoint(tmp_path):
+  """A training workdir keeps a leading seed axis: predict averages the members."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from smallfx import predict  # pylint: disable=g-import-not-at-top
+  model = models.build('mlp', 3)
+  keys = jax.random.split(jax.random.key(0), 2)
+  variables = jax.vmap(lambda k: model.init(k, jnp.zeros((1, 4, 4, 1))))(keys)
+  spec = {'model': 'mlp', 'width': 1.0, 'num_outputs': 3, 'num_classes': 0, 'loss': 'xent',
+          'image_size': [4, 4], 'channels': 1, 'mean': [0.5], 'std': [0.25],
+          'class_names': ['a', 'b', 'c'], 'class_embeddings': None, 'dtype': 'float32',
+          'num_seeds': 2}
+  checkpoint.save_variables(str(tmp_path), jax.tree.map(np.asarray, dict(variables)), spec)
+  pixels = np.arange(16, dtype=np.uint8).reshape(4, 4) * 16
+  photo = str(tmp_path / 'x.png')
+  Image.fromarray(pixels).convert('RGB').save(photo)  # converted to 1 channel on reading
+  [result] = list(predict.predict(str(tmp_path), [photo], top_k=3))
+  x = ((pixels / 255.0 - 0.5) / 0.25).reshape(1, 4, 4, 1)
+  expected = np.mean([jax.nn.softmax(model.apply(jax.tree.map(lambda a: a[i], variables), x)
+                                     ['output'])[0] for i in range(2)], axis=0)
+  got = {r['index']: r['prob'] for r in result['top_k']}
+  np.testing.assert_allclose([got[i] for i in range(3)], expected, rtol=1e-5)
+  assert [r['name'] for r in result['top_k']] == [
+      'abc'[i] for i in np.argsort(-expected, kind='stable')]
