@@ -442,6 +442,9 @@ def transfer_backbone(variables: dict[str, Any], pretrained: dict[str, Any]) -> 
       new[path] = value.astype(leaf.dtype)
     elif shape[1:] == value.shape:
       new[path] = np.broadcast_to(value.astype(leaf.dtype), shape).copy()
+    elif value.shape[1:] == shape:
+      raise UserError(f'pretrained weights hold {value.shape[0]} seeds (a training run); '
+                      'pick one member first, e.g. jax.tree.map(lambda a: a[0], pretrained)')
     else:
       raise UserError(f'pretrained {name} is {value.shape}, the model needs {shape}: '
                       'not the same architecture or width')

@@ -206,6 +206,8 @@ def test_transfer_backbone_keeps_the_new_head():
   assert merged['params']['backbone']['conv1']['kernel'].shape == (3, 7, 7, 3, 64)
   np.testing.assert_array_equal(merged['params']['backbone']['conv1']['kernel'][2],
                                 pretrained['params']['backbone']['conv1']['kernel'])
+  with pytest.raises(UserError, match='hold 3 seeds'):
+    convert.transfer_backbone(fresh, jax.tree.map(lambda a: np.stack([a] * 3), pretrained))
   with pytest.raises(UserError, match='not the same architecture'):
     convert.transfer_backbone(_random_variables('resnet34', 10), pretrained)
   with pytest.raises(UserError, match='not the same architecture or width'):

@@ -21,9 +21,11 @@ import sys
 # Run from a checkout without installing: the package is one folder up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from smallfx import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
-from smallfx import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
-from smallfx.errors import UserError, unknown  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from smallfx import checkpoint
+from smallfx import convert
+from smallfx.errors import UserError, unknown
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 class _Parser(argparse.ArgumentParser):
