@@ -1,0 +1,54 @@
+"""tools/augment_cost.py: the --quick smoke run and the measure() entry point."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'tools'))
+
+import augment_cost  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_quick_cli_writes_json(tmp_path):
+  out = tmp_path / 'cost.json'
+  r = subprocess.run([sys.executable, 'tools/augment_cost.py', '--quick', '--json', str(out)],
+                     capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert r.returncode == 0, r.stderr
+  assert 'share' in r.stdout
+  result = json.loads(out.read_text())
+  assert result['without']['median'] > 0
+  (spec, row), = result['specs'].items()
+  assert spec == 'crop(pad=1)|flip'
+  for key in ('with', 'augment'):
+    assert row[key]['median'] > 0 and row[key]['min'] <= row[key]['median'] <= row[key]['max']
+  assert np.isclose(row['share'], (row['with']['median'] - result['without']['median'])
+                    / row['with']['median'])
+  assert result['cpu'] and result['date']
+
+
+def test_bad_spec_is_one_line_exit_2():
+  r = subprocess.run([sys.executable, 'tools/augment_cost.py', '--quick', '--augment', 'flop'],
+                     capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert r.returncode == 2
+  assert 'flop' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_measure_with_seeds_and_given_data():
+  from smallfx import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.default()
+  c.model, c.batch_size, c.num_seeds, c.resample_per_seed = 'mlp', 4, 2, True
+  c.augment, c.num_steps = 'crop(pad=1)|flip|trivial', 10
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (2, 16, 8, 8, 1), dtype=np.uint8)
+  labels = rng.integers(0, 3, (2, 16)).astype(np.int32)
+  mean, std = np.full(1, 0.5, np.float32), np.full(1, 0.25, np.float32)
+  r = augment_cost.measure(c, repeats=2, steps=1, data=(3, mean, std, images, labels))
+  assert r['augment'] == c.augment
+  assert r['t_with'] > 0 and r['t_without'] > 0 and r['t_augment'] > 0
+  assert np.isclose(r['share'], (r['t_with'] - r['t_without']) / r['t_with'])
+  assert np.isclose(r['alone_share'], r['t_augment'] / r['t_with'])
+  assert r['detail']['num_seeds'] == 2
