@@ -1,0 +1,28 @@
+"""tools/bench.py runs end to end: a smoke run with tiny sizes, both frameworks timed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_quick_cnn(tmp_path):
+  pytest.importorskip('torch')
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench.py'), '--quick',
+                  '--cases', 'cnn', '--repeats', '1', '--steps', '2', '--train-size', '64',
+                  '--json', str(out)], check=True, cwd=ROOT, env=env, timeout=600)
+  report = json.loads(out.read_text())
+  (case,) = report['cases']
+  assert case['case'] == 'cnn'
+  for name in ('smallfx', 'torch'):
+    r = case['results'][name]
+    assert r['images_per_sec'] > 0, name
+    assert r['peak_memory_mb'] > 0, name
+  assert case['results']['smallfx']['xla_flops_per_step'] > 0
+  assert case['results']['smallfx']['ratio_vs_torch'] > 0

@@ -1,0 +1,668 @@
+"""Training throughput: smallfx's real train step against an equivalent PyTorch eager loop.
+
+    python tools/bench.py [--platform cpu|gpu] [--cases resnet20,cnn,seeds]
+                          [--json FILE] [--quick] [--ref GIT_REF]
+
+Both sides train the same model, batch size, augmentation (random crop with 4-pixel
+zero padding, horizontal flip) and optimiser (SGD, momentum 0.9, Nesterov, weight
+decay 5e-4 on kernels only, cross-entropy) on the same synthetic uint8 data, which
+lives on the device as in the training loop. smallfx runs exactly what
+`smallfx.train` runs: `build(config)` and `make_train_step(...)` (seed-vmapped,
+state-donating, drawing and augmenting the batch on the device). PyTorch runs an
+eager loop with the batch gathered, cropped and flipped in torch from a uint8
+tensor; its memory format (channels-last or NCHW) is chosen per case by a short
+trial, so it gets whichever is faster here.
+
+Timing: compile and a few steps are excluded as warm-up; then `--repeats` rounds
+of `--steps` steps, the frameworks interleaved within each round so that other
+load on a shared machine hits both alike. Figures are medians with the min-max
+spread; ratios are smallfx / PyTorch throughput (> 1: smallfx faster).
+
+Cases:
+  resnet20  CIFAR ResNet-20 on 32x32x3, batch 128.
+  cnn       SmallCNN (conv32-pool-conv64-pool-dense128) on 28x28x1, batch 32.
+  seeds     K seeds (K in --seeds): smallfx's vmapped K-seed step against K
+            sequential smallfx runs and K sequential PyTorch runs (same total work).
+
+`--ref REF` also times the smallfx of git revision REF (extracted to a temporary
+package) in the same rounds: before/after figures from one run.
+
+Memory: on CPU the peak RSS of the process while each framework runs (VmHWM, reset
+through /proc/self/clear_refs before each; both share the process, so it includes the
+other's resident baseline, and `rss_growth` is the peak minus the RSS just before).
+On GPU: jax `memory_stats()['peak_bytes_in_use']` and `torch.cuda.max_memory_allocated`.
+FLOP/s use XLA's cost analysis of the compiled smallfx step (`flops`), for both
+frameworks (same model maths); utilisation is against `--peak-tflops` where given.
+"""
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 10
+PAD = 4
+CASES = {
+    # name: (model, image shape, batch size, steps per round, quick steps)
+    'resnet20': ('resnet20', (32, 32, 3), 128, 4, 2),
+    'cnn': ('cnn', (28, 28, 1), 32, 40, 4),
+}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--platform', choices=('cpu', 'gpu'), default='cpu')
+  p.add_argument('--cases', default='resnet20,cnn,seeds')
+  p.add_argument('--json', default='')
+  p.add_argument('--quick', action='store_true', help='smoke run: tiny sizes, 2 rounds')
+  p.add_argument('--repeats', type=int, default=0, help='rounds (default 5; quick 2)')
+  p.add_argument('--steps', type=int, default=0, help='steps per round (default per case)')
+  p.add_argument('--train-size', type=int, default=0, help='synthetic training images '
+                 '(default 5000; quick 256)')
+  p.add_argument('--seeds', default='1,4,8', help='K values of the seeds case')
+  p.add_argument('--seeds-model', default='cnn', choices=sorted(CASES))
+  p.add_argument('--peak-tflops', type=float, default=0.0,
+                 help='the device peak (fp32) for FLOP/s utilisation')
+  p.add_argument('--threads', type=int, default=0, help='torch threads (default: cores)')
+  p.add_argument('--ref', default='', help='also time smallfx at this git revision')
+  p.add_argument('--no-torch', action='store_true')
+  args = p.parse_args(argv)
+  args.repeats = args.repeats or (2 if args.quick else 5)
+  args.train_size = args.train_size or (256 if args.quick else 5000)
+  args.cases = [c.strip() for c in args.cases.split(',') if c.strip()]
+  for c in args.cases:
+    if c not in (*CASES, 'seeds'):
+      p.error(f'unknown case {c!r}; valid: {", ".join([*CASES, "seeds"])}')
+  args.seeds = [int(k) for k in args.seeds.split(',')]
+  return args
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+  try:
+    out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+      if line.startswith('Model name'):
+        return line.split(':', 1)[1].strip()
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _status_kb(field):
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith(field + ':'):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return None
+
+
+def reset_peak_rss() -> bool:
+  """Resets the kernel's RSS high-water mark (VmHWM) of this process (Linux >= 4.0)."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return True
+  except OSError:
+    return False
+
+
+def peak_rss_mb() -> float:
+  hwm = _status_kb('VmHWM')
+  if hwm is None:  # no /proc: the lifetime peak (KiB on Linux, bytes on macOS)
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 / (1024 if sys.platform == 'darwin' else 1)
+  return hwm / 1024
+
+
+def rss_mb() -> float:
+  rss = _status_kb('VmRSS')
+  return rss / 1024 if rss is not None else float('nan')
+
+
+def summarise(times, work):
+  """Round times (s) and images per round -> median/min/max images per second."""
+  rates = sorted(work / t for t in times)
+  return {'images_per_sec': float(np.median(rates)), 'images_per_sec_min': rates[0],
+          'images_per_sec_max': rates[-1], 'round_seconds': [float(t) for t in times]}
+
+
+def load_ref_smallfx(ref: str, tmp: str):
+  """smallfx at git revision `ref` as the package `smallfx_ref` (imports rewritten)."""
+  dest = os.path.join(tmp, 'smallfx_ref')
+  archive = subprocess.run(['git', '-C', ROOT, 'archive', ref, 'smallfx'],
+                           capture_output=True, check=True).stdout
+  subprocess.run(['tar', '-x', '-C', tmp], input=archive, check=True)
+  shutil.move(os.path.join(tmp, 'smallfx'), dest)
+  for dirpath, _, files in os.walk(dest):
+    for name in files:
+      if name.endswith('.py'):
+        path = os.path.join(dirpath, name)
+        with open(path) as f:
+          src = f.read()
+        src = re.sub(r'\b(from|import) smallfx\b', r'\1 smallfx_ref', src)
+        with open(path, 'w') as f:
+          f.write(src)
+  sys.path.insert(0, tmp)
+  return importlib.import_module('smallfx_ref.train'), importlib.import_module(
+      'smallfx_ref.config')
+
+
+# --------------------------------------------------------------------------- smallfx
+
+
+class SmallfxRun:
+  """One smallfx training run: the real train step, K seeds, data on the device."""
+
+  def __init__(self, train_mod, config_mod, model, shape, batch, num_seeds, images, labels,
+               platform_name):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    self.jax = jax
+    c = config_mod.default()
+    c.model, c.batch_size, c.num_seeds = model, batch, num_seeds
+    c.augment = f'crop(pad={PAD})|flip'
+    c.loss, c.optimizer, c.momentum, c.weight_decay = 'xent', 'sgd', 0.9, 5e-4
+    c.learning_rate, c.schedule, c.warmup_steps = 0.05, 'constant', 0
+    c.num_steps, c.dtype = 10**6, 'float32'
+    self.images_per_step = batch * num_seeds
+    setup = train_mod.build(c, NUM_CLASSES, len(labels))
+    mean = np.full(shape[-1], 0.5, np.float32)
+    std = np.full(shape[-1], 0.25, np.float32)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(
+        jnp.arange(num_seeds))
+    init = jax.jit(jax.vmap(lambda k: train_mod.init_state(setup.model, setup.tx, shape, k)))
+    state = init(keys)
+    state = state.replace(rng=jax.random.key_data(state.rng))
+    # Place state and data exactly as train_and_evaluate does (whatever version).
+    if hasattr(train_mod, 'make_mesh'):
+      mesh = train_mod.make_mesh(c)
+      state_sharding, _, replicated = train_mod._shardings(mesh)  # pylint: disable=protected-access
+      self.step = train_mod.make_train_step(setup, NUM_CLASSES, mean, std, mesh)
+      self.state = jax.device_put(state, state_sharding)
+      self.images = jax.device_put(images, replicated)
+      self.labels = jax.device_put(labels, replicated)
+    else:
+      self.step = train_mod.make_train_step(setup, NUM_CLASSES, mean, std)
+      self.state, self.images, self.labels = state, jax.device_put(images), jax.device_put(
+          labels)
+    self.device = jax.devices(platform_name)[0]
+    t = time.perf_counter()
+    compiled = self.step.lower(self.state, self.images, self.labels).compile()
+    self.compile_seconds = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    self.flops_per_step = float((cost or {}).get('flops', 0.0))
+    self.metrics = None
+
+  def run(self, steps):
+    state = self.state
+    for _ in range(steps):
+      state, self.metrics = self.step(state, self.images, self.labels)
+    self.jax.block_until_ready((state, self.metrics))
+    self.state = state
+
+  def loss(self):
+    return float(np.mean(np.asarray(self.metrics['train/loss'])))
+
+  def reset_peak(self):
+    return self.device.platform == 'cpu' and reset_peak_rss()
+
+  def peak_memory_mb(self):
+    if self.device.platform == 'cpu':
+      return peak_rss_mb()
+    stats = self.device.memory_stats() or {}
+    return stats.get('peak_bytes_in_use', 0) / 2**20
+
+
+# --------------------------------------------------------------------------- PyTorch
+
+
+def torch_models():
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top,invalid-name
+
+  class Block(nn.Module):
+    """smallfx.models.cifar_resnet.BasicBlock: post-activation, 1x1 conv shortcut."""
+
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(cout)
+      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(cout)
+      nn.init.zeros_(self.bn2.weight)
+      self.short = None
+      if stride != 1 or cin != cout:
+        self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                   nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+      y = F.relu(self.bn1(self.conv1(x)))
+      y = self.bn2(self.conv2(y))
+      return F.relu(y + (x if self.short is None else self.short(x)))
+
+  class ResNet20(nn.Module):
+
+    def __init__(self, channels, num_classes):
+      super().__init__()
+      self.stem = nn.Conv2d(channels, 16, 3, 1, 1, bias=False)
+      self.bn = nn.BatchNorm2d(16)
+      blocks, cin = [], 16
+      for stage, cout in enumerate((16, 32, 64)):
+        for i in range(3):
+          blocks.append(Block(cin, cout, 2 if stage > 0 and i == 0 else 1))
+          cin = cout
+      self.blocks = nn.Sequential(*blocks)
+      self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+      x = self.blocks(F.relu(self.bn(self.stem(x))))
+      return self.head(x.mean((2, 3)))
+
+  class SmallCNN(nn.Module):
+
+    def __init__(self, channels, num_classes, size):
+      super().__init__()
+      self.conv1 = nn.Conv2d(channels, 32, 3, padding=1)
+      self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+      self.dense = nn.Linear(64 * (size // 4) ** 2, 128)
+      self.head = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+      x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+      x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+      return self.head(F.relu(self.dense(x.flatten(1))))
+
+  return torch, F, {'resnet20': lambda c, s: ResNet20(c, NUM_CLASSES),
+                    'cnn': lambda c, s: SmallCNN(c, NUM_CLASSES, s)}
+
+
+class TorchRun:
+  """The same training in PyTorch eager: gather, crop, flip and normalise in torch."""
+
+  def __init__(self, model, shape, batch, images, labels, device, channels_last, seed=0):
+    torch, F, factories = torch_models()
+    self.torch, self.F, self.device = torch, F, device
+    torch.manual_seed(seed)
+    h, w, c = shape
+    self.net = factories[model](c, h).to(device)
+    self.channels_last = channels_last
+    if channels_last:
+      self.net = self.net.to(memory_format=torch.channels_last)
+    decay = [p for p in self.net.parameters() if p.ndim > 1]
+    no_decay = [p for p in self.net.parameters() if p.ndim <= 1]
+    self.opt = torch.optim.SGD([{'params': decay, 'weight_decay': 5e-4},
+                                {'params': no_decay, 'weight_decay': 0.0}],
+                               lr=0.05, momentum=0.9, nesterov=True)
+    # uint8 NHWC on the device, like smallfx; NCHW uint8 for the gather below.
+    self.images = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous().to(device)
+    self.labels = torch.as_tensor(labels).long().to(device)
+    self.batch, self.h, self.w = batch, h, w
+    self.mean, self.std = 0.5, 0.25
+    self.gen = torch.Generator(device=device).manual_seed(seed)
+    self.last_loss = None
+    self.rows = torch.arange(h, device=device)
+    self.cols = torch.arange(w, device=device)
+
+  def step(self):
+    torch, F, b, dev = self.torch, self.F, self.batch, self.device
+    idx = torch.randint(0, self.labels.shape[0], (b,), device=dev, generator=self.gen)
+    x = self.images[idx].float().div_(255.0)
+    x = F.pad(x, (PAD, PAD, PAD, PAD))
+    dy = torch.randint(0, 2 * PAD + 1, (b,), device=dev, generator=self.gen)
+    dx = torch.randint(0, 2 * PAD + 1, (b,), device=dev, generator=self.gen)
+    flip = torch.rand(b, device=dev, generator=self.gen) < 0.5
+    # Flip by mirroring the column indices of the crop: one gather does both.
+    cols = dx[:, None] + self.cols[None]
+    cols = torch.where(flip[:, None], dx[:, None] + (self.w - 1 - self.cols)[None], cols)
+    rows = dy[:, None] + self.rows[None]
+    x = x[torch.arange(b, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    x = x.permute(0, 3, 1, 2)  # advanced indexing put channels last: back to NCHW
+    x = (x - self.mean) / self.std
+    x = x.contiguous(memory_format=torch.channels_last if self.channels_last
+                     else torch.contiguous_format)
+    loss = F.cross_entropy(self.net(x), self.labels[idx])
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    self.opt.step()
+    self.last_loss = loss
+
+  def run(self, steps):
+    for _ in range(steps):
+      self.step()
+    self.sync()
+
+  def sync(self):
+    if self.device.startswith('cuda'):
+      self.torch.cuda.synchronize()
+    else:
+      self.last_loss.item()
+
+  def loss(self):
+    return float(self.last_loss.item())
+
+  def reset_peak(self):
+    if self.device.startswith('cuda'):
+      self.torch.cuda.reset_peak_memory_stats()
+      return True
+    return reset_peak_rss()
+
+  def peak_memory_mb(self):
+    if self.device.startswith('cuda'):
+      return self.torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mb()
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_rounds(runners, steps, repeats):
+  """{name: runner}: interleaved rounds -> {name: [seconds per round]}, peak memory."""
+  times = {n: [] for n in runners}
+  peak, growth = {}, {}
+  for r in range(repeats):
+    for name, runner in runners.items():
+      first = r == 0
+      if first:
+        before = rss_mb()
+        runner.reset_peak()
+      t = time.perf_counter()
+      runner.run(steps)
+      times[name].append(time.perf_counter() - t)
+      if first:
+        peak[name] = runner.peak_memory_mb()
+        growth[name] = peak[name] - before
+  return times, peak, growth
+
+
+def warm(runner, steps=2):
+  t = time.perf_counter()
+  runner.run(steps)
+  return time.perf_counter() - t
+
+
+def pick_torch_format(make, steps):
+  """Channels-last or NCHW, whichever trains faster here (best of 2 short rounds)."""
+  best = None
+  for cl in (True, False):
+    run = make(cl)
+    run.run(2)  # warm-up
+    t = min(_timed(run, steps) for _ in range(2))
+    if best is None or t < best[0]:
+      best = (t, cl, run)
+  return best[1], best[2]
+
+
+def _timed(run, steps):
+  t = time.perf_counter()
+  run.run(steps)
+  return time.perf_counter() - t
+
+
+def data(shape, n, seed=0):
+  rng = np.random.default_rng(seed)
+  # Smooth-ish synthetic images (not pure noise) and labels in 10 classes.
+  images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+  labels = rng.integers(0, NUM_CLASSES, n).astype(np.int32)
+  return images, labels
+
+
+def flops_figures(flops_per_step, steps_per_sec, peak_tflops):
+  out = {'xla_flops_per_step': flops_per_step,
+         'tflops_per_sec': flops_per_step * steps_per_sec / 1e12}
+  if peak_tflops:
+    out['utilisation'] = out['tflops_per_sec'] / peak_tflops
+  return out
+
+
+def bench_single(case, args, impls, torch_device):
+  model, shape, batch, steps, quick_steps = CASES[case]
+  steps = args.steps or (quick_steps if args.quick else steps)
+  images, labels = data(shape, args.train_size)
+  runners, info = {}, {'model': model, 'image_shape': list(shape), 'batch_size': batch,
+                       'steps_per_round': steps, 'rounds': args.repeats,
+                       'train_size': args.train_size}
+  for name, (train_mod, config_mod) in impls.items():
+    run = SmallfxRun(train_mod, config_mod, model, shape, batch, 1, images, labels,
+                     args.platform)
+    info[f'{name}_compile_seconds'] = run.compile_seconds
+    info[f'{name}_warmup_seconds'] = warm(run)
+    runners[name] = run
+  if torch_device:
+    cl, run = pick_torch_format(
+        lambda cl: TorchRun(model, shape, batch, images, labels, torch_device, cl),
+        max(1, steps // 2))
+    info['torch_channels_last'] = cl
+    runners['torch'] = run
+  times, peak, growth = time_rounds(runners, steps, args.repeats)
+  out = {'case': case, **info, 'results': {}}
+  for name, run in runners.items():
+    s = summarise(times[name], steps * batch)
+    s['peak_memory_mb'], s['rss_growth_mb'] = peak[name], growth[name]
+    s['final_loss'] = run.loss()
+    flops = runners['smallfx'].flops_per_step
+    s.update(flops_figures(flops, s['images_per_sec'] / batch, args.peak_tflops))
+    out['results'][name] = s
+  res = out['results']
+  if 'torch' in res:
+    for name in impls:
+      res[name]['ratio_vs_torch'] = res[name]['images_per_sec'] / res['torch']['images_per_sec']
+      # Per-round ratios (same round = same machine load): their median and spread.
+      rr = sorted(t / s for s, t in zip(times[name], times['torch']))
+      res[name]['round_ratio_vs_torch'] = [float(np.median(rr)), rr[0], rr[-1]]
+  if 'ref' in res:
+    res['smallfx']['speedup_vs_ref'] = (res['smallfx']['images_per_sec'] /
+                                        res['ref']['images_per_sec'])
+  return out
+
+
+class Sequential:
+  """K independent runs of one kind, one after another: the total time of K runs."""
+
+  def __init__(self, runs):
+    self.runs = runs
+
+  def run(self, steps):
+    for r in self.runs:
+      r.run(steps)
+
+  def loss(self):
+    return float(np.mean([r.loss() for r in self.runs]))
+
+  def reset_peak(self):
+    return self.runs[0].reset_peak()
+
+  def peak_memory_mb(self):
+    return self.runs[0].peak_memory_mb()
+
+
+def bench_seeds(args, impls, torch_device):
+  model, shape, batch, steps, quick_steps = CASES[args.seeds_model]
+  steps = args.steps or (quick_steps if args.quick else max(4, steps // 5))
+  images, labels = data(shape, args.train_size)
+  train_mod, config_mod = impls['smallfx']
+  out = {'case': 'seeds', 'model': model, 'image_shape': list(shape), 'batch_size': batch,
+         'steps_per_round': steps, 'rounds': args.repeats, 'train_size': args.train_size,
+         'by_k': {}}
+  torch_cl = None
+  for k in args.seeds:
+    vmapped = SmallfxRun(train_mod, config_mod, model, shape, batch, k, images, labels,
+                         args.platform)
+    # K sequential runs share one compiled single-seed step, like K launches of a
+    # script would share the persistent compilation cache.
+    single = [SmallfxRun(train_mod, config_mod, model, shape, batch, 1, images, labels,
+                         args.platform)]
+    for _ in range(k - 1):
+      twin = object.__new__(SmallfxRun)
+      twin.__dict__.update(single[0].__dict__)
+      twin.state = single[0].jax.tree.map(lambda a: a + 0, single[0].state)
+      single.append(twin)
+    runners = {'vmapped': vmapped, 'sequential': Sequential(single)}
+    if 'ref' in impls:  # the vmapped step of the reference revision
+      runners['ref_vmapped'] = SmallfxRun(*impls['ref'], model, shape, batch, k, images,
+                                          labels, args.platform)
+    for r in runners.values():
+      warm(r)
+    if torch_device:
+      if torch_cl is None:
+        torch_cl, _ = pick_torch_format(
+            lambda cl: TorchRun(model, shape, batch, images, labels, torch_device, cl),
+            max(1, steps // 2))
+      runners['torch'] = Sequential([
+          TorchRun(model, shape, batch, images, labels, torch_device, torch_cl, seed=s)
+          for s in range(k)])
+      warm(runners['torch'])
+    times, peak, growth = time_rounds(runners, steps, args.repeats)
+    res = {}
+    for name, run in runners.items():
+      tt = sorted(times[name])
+      res[name] = {'total_seconds': float(np.median(tt)), 'total_seconds_min': tt[0],
+                   'total_seconds_max': tt[-1],
+                   'images_per_sec': float(np.median([steps * batch * k / t for t in tt])),
+                   'peak_memory_mb': peak[name], 'rss_growth_mb': growth[name],
+                   'final_loss': run.loss()}
+    if 'ref_vmapped' in res:
+      rf = sorted(r / v for v, r in zip(times['vmapped'], times['ref_vmapped']))
+      res['vmapped']['speedup_vs_ref'] = [float(np.median(rf)), rf[0], rf[-1]]
+    rr = sorted(v / s for v, s in zip(times['vmapped'], times['sequential']))
+    res['vmapped']['time_vs_sequential'] = [float(np.median(rr)), rr[0], rr[-1]]
+    res['vmapped']['flops_per_step'] = vmapped.flops_per_step
+    if 'torch' in res:
+      rt = sorted(v / t for v, t in zip(times['vmapped'], times['torch']))
+      res['vmapped']['time_vs_torch'] = [float(np.median(rt)), rt[0], rt[-1]]
+    out['by_k'][str(k)] = res
+  out['torch_channels_last'] = torch_cl
+  return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt_single(r):
+  res = r['results']
+  lines = [f"{r['case']}: {r['model']} {'x'.join(map(str, r['image_shape']))} batch "
+           f"{r['batch_size']}, {r['rounds']} rounds x {r['steps_per_round']} steps"]
+  for name, s in res.items():
+    extra = ''
+    if 'round_ratio_vs_torch' in s:
+      m, lo, hi = s['round_ratio_vs_torch']
+      extra = f"  vs torch x{m:.2f} [{lo:.2f}-{hi:.2f}]"
+    if 'speedup_vs_ref' in s:
+      extra += f"  vs ref x{s['speedup_vs_ref']:.2f}"
+    lines.append(f"  {name:8s} {s['images_per_sec']:9.1f} img/s "
+                 f"[{s['images_per_sec_min']:.1f}-{s['images_per_sec_max']:.1f}]  "
+                 f"peak {s['peak_memory_mb']:.0f} MB  {s['tflops_per_sec'] * 1e3:.1f} GFLOP/s"
+                 f"{extra}")
+  return '\n'.join(lines)
+
+
+def fmt_seeds(r):
+  lines = [f"seeds: {r['model']} batch {r['batch_size']}, {r['rounds']} rounds x "
+           f"{r['steps_per_round']} steps per seed"]
+  for k, res in r['by_k'].items():
+    v = res['vmapped']
+    m, lo, hi = v['time_vs_sequential']
+    line = (f"  K={k}: vmapped {v['total_seconds']:.2f}s, sequential "
+            f"{res['sequential']['total_seconds']:.2f}s (vmapped/sequential {m:.2f} "
+            f"[{lo:.2f}-{hi:.2f}])")
+    if 'torch' in res:
+      mt, lt, ht = v['time_vs_torch']
+      line += (f", torch {res['torch']['total_seconds']:.2f}s (vmapped/torch {mt:.2f} "
+               f"[{lt:.2f}-{ht:.2f}])")
+    if 'speedup_vs_ref' in v:
+      line += f", vmapped vs ref x{v['speedup_vs_ref'][0]:.2f}"
+    lines.append(line)
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.environ.setdefault('JAX_PLATFORMS', 'cuda' if args.platform == 'gpu' else 'cpu')
+  sys.path.insert(0, ROOT)
+  import jax  # pylint: disable=g-import-not-at-top
+  from smallfx import config as config_mod  # pylint: disable=g-import-not-at-top
+  from smallfx import train as train_mod  # pylint: disable=g-import-not-at-top
+
+  impls = {'smallfx': (train_mod, config_mod)}
+  tmp = tempfile.mkdtemp(prefix='smallfx_bench_')
+  try:
+    if args.ref:
+      impls['ref'] = load_ref_smallfx(args.ref, tmp)
+    torch_device = None
+    torch_version = None
+    if not args.no_torch:
+      try:
+        import torch  # pylint: disable=g-import-not-at-top
+        torch_version = torch.__version__
+        if args.platform == 'gpu':
+          if not torch.cuda.is_available():
+            raise SystemExit('--platform gpu: torch sees no CUDA device')
+          torch_device = 'cuda'
+          torch.backends.cudnn.benchmark = True
+        else:
+          torch_device = 'cpu'
+          torch.set_num_threads(args.threads or cores())
+      except ImportError:
+        print('torch is not installed: timing smallfx only', file=sys.stderr)
+
+    meta = {
+        'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+        'command': ' '.join(['python', 'tools/bench.py', *(argv or sys.argv[1:])]),
+        'platform': args.platform, 'cpu': cpu_model(), 'cores': cores(),
+        'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__,
+        'torch': torch_version, 'torch_threads': (torch.get_num_threads()
+                                                   if torch_device == 'cpu' else None),
+        'xla_flags': os.environ.get('XLA_FLAGS', ''), 'ref': args.ref or None,
+        'quick': args.quick, 'peak_tflops': args.peak_tflops or None,
+    }
+    print(f"{meta['cpu']} ({meta['cores']} cores), {meta['devices'][0]}, jax {meta['jax']}, "
+          f"torch {torch_version}", flush=True)
+    results = []
+    t0 = time.perf_counter()
+    for case in args.cases:
+      if case == 'seeds':
+        r = bench_seeds(args, impls, torch_device)
+        print(fmt_seeds(r), flush=True)
+      else:
+        r = bench_single(case, args, impls, torch_device)
+        print(fmt_single(r), flush=True)
+      results.append(r)
+    meta['wall_seconds'] = time.perf_counter() - t0
+    if args.json:
+      os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+      with open(args.json, 'w') as f:
+        json.dump({'meta': meta, 'cases': results}, f, indent=1)
+  finally:
+    with contextlib.suppress(OSError):
+      shutil.rmtree(tmp)
+  return results
+
+
+if __name__ == '__main__':
+  main()
