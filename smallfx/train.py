@@ -144,6 +144,14 @@ def _shardings(mesh):
   return named('seed'), named(None, 'data'), named()
 
 
+def place_state(state: TrainState, mesh) -> TrainState:
+  """The state laid out as the jitted steps expect it (seed axis over 'seed').
+
+  A state that is laid out otherwise would still run, but compile the step anew.
+  """
+  return jax.device_put(state, _shardings(mesh)[0])
+
+
 def make_train_step(setup: Setup, num_classes: int, mean, std, mesh=None,
                     per_seed_data: bool = False):
   """(state, images_u8, labels) -> (state, metrics), vmapped over seeds and jitted.
@@ -415,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       variables = convert.transfer_backbone(
           {'params': state.params, 'batch_stats': state.batch_stats}, pretrained)
       state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
-    state = jax.device_put(state, state_sharding)
+    state = place_state(state, mesh)
     start = 0
   else:
     state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))

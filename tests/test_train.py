@@ -40,14 +40,14 @@ def _setup(config):
       jnp.arange(config.num_seeds))
   state = jax.vmap(lambda k: train.init_state(setup.model, setup.tx, ds.image_shape, k))(keys)
   state = state.replace(rng=jax.random.key_data(state.rng))
-  return ds, setup, state
+  return ds, setup, train.place_state(state, train.make_mesh(config))
 
 
 def test_train_step_compiles_once_and_learns(monkeypatch):
   config = small_config(loss='cosine_xent')
   ds, setup, state = _setup(config)
   monkeypatch.setattr(train, 'update', chex.assert_max_traces(train.update, n=1))
-  step = train.make_train_step(setup, ds.num_classes, 0.5, 0.25)
+  step = train.make_train_step(setup, ds.num_classes, 0.5, 0.25, train.make_mesh(config))
   images, labels = jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)
   losses = []
   for _ in range(30):
