@@ -1,6 +1,6 @@
 """Training throughput: smallfx's real train step against an equivalent PyTorch eager loop.
 
-    python tools/bench.py [--platform cpu|gpu] [--cases resnet20,cnn,seeds]
+    python tools/bench.py [--platform cpu|gpu] [--cases resnet20,cnn,seeds,augment]
                           [--json FILE] [--quick] [--ref GIT_REF]
 
 Both sides train the same model, batch size, augmentation (random crop with 4-pixel
@@ -64,7 +64,7 @@ CASES = {
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--platform', choices=('cpu', 'gpu'), default='cpu')
-  p.add_argument('--cases', default='resnet20,cnn,seeds')
+  p.add_argument('--cases', default='resnet20,cnn,seeds,augment')
   p.add_argument('--json', default='')
   p.add_argument('--quick', action='store_true', help='smoke run: tiny sizes, 2 rounds')
   p.add_argument('--repeats', type=int, default=0, help='rounds (default 5; quick 2)')
@@ -83,8 +83,8 @@ def parse_args(argv=None):
   args.train_size = args.train_size or (256 if args.quick else 5000)
   args.cases = [c.strip() for c in args.cases.split(',') if c.strip()]
   for c in args.cases:
-    if c not in (*CASES, 'seeds'):
-      p.error(f'unknown case {c!r}; valid: {", ".join([*CASES, "seeds"])}')
+    if c not in (*CASES, 'seeds', 'augment'):
+      p.error(f'unknown case {c!r}; valid: {", ".join([*CASES, "seeds", "augment"])}')
   args.seeds = [int(k) for k in args.seeds.split(',')]
   return args
 
@@ -601,6 +601,30 @@ def fmt_seeds(r):
   return '\n'.join(lines)
 
 
+def bench_augment(args, config_mod):
+  """The share of the cnn case's train step spent in the default augmentation."""
+  sys.path.insert(0, os.path.join(ROOT, 'tools'))
+  import augment_cost  # pylint: disable=g-import-not-at-top
+  model, shape, batch, steps, quick_steps = CASES['cnn']
+  config = config_mod.default()  # its `augment` is the default pipeline
+  config.update(model=model, batch_size=batch)
+  images, labels = data(shape, args.train_size)
+  r = augment_cost.measure(config, repeats=args.repeats,
+                           steps=args.steps or (quick_steps if args.quick else steps),
+                           data=(NUM_CLASSES, 0.5, 0.25, images, labels))
+  return {'case': 'augment', 'model': model, 'batch': batch, 'augment': r['augment'],
+          'ms_with': 1e3 * r['t_with'], 'ms_without': 1e3 * r['t_without'],
+          'ms_augment_alone': 1e3 * r['t_augment'], 'share': r['share'],
+          'alone_share': r['alone_share']}
+
+
+def fmt_augment(r) -> str:
+  return (f"augment {r['augment']!r} in the {r['model']} step (batch {r['batch']}): "
+          f"{r['ms_with']:.2f} ms with, {r['ms_without']:.2f} ms without -> "
+          f"{100 * r['share']:.1f}% of the step; the pipeline alone "
+          f"{r['ms_augment_alone']:.2f} ms ({100 * r['alone_share']:.1f}%)")
+
+
 def main(argv=None):
   args = parse_args(argv)
   os.environ.setdefault('JAX_PLATFORMS', 'cuda' if args.platform == 'gpu' else 'cpu')
@@ -649,6 +673,9 @@ def main(argv=None):
       if case == 'seeds':
         r = bench_seeds(args, impls, torch_device)
         print(fmt_seeds(r), flush=True)
+      elif case == 'augment':
+        r = bench_augment(args, config_mod)
+        print(fmt_augment(r), flush=True)
       else:
         r = bench_single(case, args, impls, torch_device)
         print(fmt_single(r), flush=True)
