@@ -51,4 +51,5 @@ def test_measure_with_seeds_and_given_data():
   assert r['t_with'] > 0 and r['t_without'] > 0 and r['t_augment'] > 0
   assert np.isclose(r['share'], (r['t_with'] - r['t_without']) / r['t_with'])
   assert np.isclose(r['alone_share'], r['t_augment'] / r['t_with'])
+  assert r['cpu_share'] < 1 and r['cpu_alone_share'] > 0
   assert r['detail']['num_seeds'] == 2
