@@ -13,7 +13,10 @@ def default() -> ml_collections.ConfigDict:
   c.data_seed = 0
   c.image_size = 0     # 0: native size; N or (H, W): resize on load.
   c.channels = 0       # folder datasets: 1 (grey) or 3 (RGB, the default).
-  c.augment = 'crop(pad=4)|flip'  # see smallfx/augment.py for the grammar.
+  # Grammar in smallfx/augment.py. Fashion-MNIST, SmallCNN, 10 and 50 per class,
+  # 3 seeds (experiments/augment/): +1.9 and +1.5 points over no augmentation, better
+  # on every seed; ~3% of a ResNet-20 step on CPU. crop(pad=4)|flip was below none.
+  c.augment = 'crop(pad=2)|flip|trivial'
 
   # Model and loss.
   c.model = 'resnet20'
