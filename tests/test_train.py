@@ -78,6 +78,19 @@ def test_seeds_are_independent_and_seed0_matches_a_single_run():
   chex.assert_shape(m3['train/loss'], (3,))
 
 
+def test_unrolled_and_vmapped_seeds_agree():
+  ds, setup, state = _setup(small_config(num_seeds=2))
+  images, labels = jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)
+  results = []
+  for unroll in (False, True):
+    step = train.make_train_step(setup, ds.num_classes, 0.5, 0.25, unroll=unroll)
+    s = jax.tree.map(jnp.copy, state)
+    for _ in range(3):
+      s, m = step(s, images, labels)
+    results.append((s.params, m['train/loss']))
+  chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
 def test_evaluate_pads_last_batch_and_counts_every_image():
   config = small_config(num_seeds=2)
   ds, setup, state = _setup(config)
