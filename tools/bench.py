@@ -40,7 +40,6 @@ import contextlib
 import importlib
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -50,6 +49,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from augment_cost import cpu_model  # tools/ is on the path of a script in it
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
@@ -97,17 +98,6 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
   except AttributeError:
     return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-  try:
-    out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-      if line.startswith('Model name'):
-        return line.split(':', 1)[1].strip()
-  except (OSError, subprocess.CalledProcessError):
-    pass
-  return platform.processor() or platform.machine()
 
 
 def _status_kb(field):
