@@ -402,6 +402,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   _write_config(config, workdir)
   results_path = os.path.join(workdir, 'results.json')
+  if os.path.exists(results_path):
+    # Written last, after the final checkpoint, by this very config (checked
+    # above): the run is finished, so report it without loading anything.
+    with open(results_path) as f:
+      results = json.load(f)
+    if jax.process_index() == 0:
+      print(summary_line(results, workdir))
+    return results
 
   mesh = make_mesh(config)
   dataset = data_lib.load(config)
@@ -454,12 +462,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = 0
   else:
     state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
-  if start >= setup.total_steps and os.path.exists(results_path):
-    with open(results_path) as f:
-      results = json.load(f)
-    print(summary_line(results, workdir))
-    mngr.close()
-    return results
 
   train_step = make_train_step(setup, num_classes, mean, std, mesh, config.resample_per_seed)
   eval_step = make_eval_step(setup, num_classes, mean, std, mesh)
