@@ -36,6 +36,7 @@ from smallfx import losses
 from smallfx import metrics as metrics_lib
 from smallfx import models
 from smallfx import optim
+from smallfx import shuffle
 from smallfx.errors import UserError, unknown
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -80,6 +81,16 @@ def init_state(model, tx, image_shape, seed_key) -> TrainState:
                     opt_state=tx.init(params), rng=train_key)
 
 
+def global_norm(tree) -> jax.Array:
+  """optax.tree.norm's value, with each leaf flattened before its sum of squares.
+
+  XLA:CPU splits a sum over a many-axis array into a tree of small reduce-window
+  ops; over one axis it is a single loop. With the three norms logged every step,
+  SmallCNN's step (batch 32, 2-core CPU, jax 0.10.2) went from 9.5 to 8.6 ms.
+  """
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.reshape(-1))) for x in jax.tree.leaves(tree)))
+
+
 def update(state: TrainState, images: jax.Array, labels: jax.Array, *, model, loss, tx,
            learning_rate) -> tuple[TrainState, dict]:
   """The one update: (state, batch) -> (state, metrics). `labels` are (B, C) probabilities."""
@@ -97,9 +108,9 @@ def update(state: TrainState, images: jax.Array, labels: jax.Array, *, model, lo
       'train/loss': value,
       'train/accuracy': accuracy,
       'train/learning_rate': learning_rate(state.step),
-      'train/grad_norm': optax.tree.norm(grads),
-      'train/param_norm': optax.tree.norm(params),
-      'train/update_norm': optax.tree.norm(updates),
+      'train/grad_norm': global_norm(grads),
+      'train/param_norm': global_norm(params),
+      'train/update_norm': global_norm(updates),
   }
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=new_vars.get('batch_stats', state.batch_stats))
@@ -113,8 +124,7 @@ def draw_batch(state: TrainState, images_u8, labels, *, batch_size, num_classes,
   steps_per_epoch = n // batch_size
   epoch, i = jnp.divmod(state.step, steps_per_epoch)
   key = jax.random.wrap_key_data(state.rng)
-  perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-  idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
+  idx = shuffle.permuted(jax.random.fold_in(key, epoch), i * batch_size + jnp.arange(batch_size), n)
   x = images_u8[idx].astype(jnp.float32) / 255.0
   y = jax.nn.one_hot(labels[idx], num_classes)
   x, y = augment(jax.random.fold_in(jax.random.fold_in(key, 1 << 30), state.step), x, y)
@@ -203,7 +213,39 @@ def make_train_step(setup: Setup, num_classes: int, mean, std, mesh=None,
   unroll = unroll_seeds(mesh) if unroll is None else unroll
   return jax.jit(step, donate_argnums=0,
                  in_shardings=(state_sharding, data_sharding, data_sharding),
-                 out_shardings=(state_sharding, replicated))
+                 out_shardings=(state_sharding, replicated),
+                 compiler_options=compiler_options(mesh))
+
+
+def compiler_options(mesh) -> dict | None:
+  """XLA options for the train step on this mesh's platform.
+
+  CPU: YNNPACK takes matrix products and reductions only; convolutions go to
+  XLA's own (Eigen) kernels and elementwise fusions to its loop emitter. Per-step
+  speed-up over XLA's defaults, measured side by side in one process (2-core AMD
+  EPYC, jax 0.10.2, batch 32 unless noted): SmallCNN x1.27, ResNet-20 (b128)
+  x1.13, EfficientNet-Lite0 (96 px) x1.36, ResNet-18 (96 px) x1.19, WRN-16-8
+  x1.13, MLP x1.05. Adding YNN elementwise fusions helps ResNet-20 more (x1.4)
+  but costs EfficientNet-Lite0 x0.71 and SmallCNN x0.85 (experiments/bench).
+  """
+  if mesh.devices.flat[0].platform != 'cpu' or not _cpu_options_accepted():
+    return None
+  return CPU_OPTIONS
+
+
+CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
+                   'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+
+
+@functools.cache
+def _cpu_options_accepted() -> bool:
+  # Experimental XLA options come and go between jaxlib releases; one that this
+  # jaxlib does not know would fail every compile.
+  try:
+    jax.jit(lambda x: x + 1).lower(jnp.zeros(2)).compile(compiler_options=CPU_OPTIONS)
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
 
 
 def make_eval_step(setup: Setup, num_classes: int, mean, std, mesh=None):
