@@ -1,33 +1,86 @@
-"""K seeds in one program on CPU: vmapped vs unrolled over the seed axis vs K single runs.
+"""K seeds in one program on CPU: how the seed axis is laid out, against K single runs.
 
-    python tools/bench_seed_layout.py cnn        # or resnet20
+    python tools/bench_seed_layout.py --model cnn --seeds 4,8
 
-Per-step times (medians of 3 x 20 steps) of the real train step
-(`smallfx.train.make_train_step(..., unroll=...)`) on synthetic 28x28x1 data.
+Times the real train step (`smallfx.train.make_train_step`) on synthetic data in
+each layout, interleaved in rounds so that all share the machine's load:
+
+  single        one seed per program; its step time x K (K separate runs)
+  vmapped       `jax.vmap` over seeds (grouped convolutions)
+  unrolled      K copies of the step in one program, free to interleave
+  in a row      unrolled, each seed's inputs waiting on the previous seed
+                (smallfx's CPU default)
+
+Prints milliseconds per K seed-steps (median and [min-max] over rounds).
 """
-import time, sys, jax, jax.numpy as jnp, numpy as np
-from smallfx import config as base, train, data as data_lib
-def make(K, unroll, model='cnn'):
-  c = base.default(); c.update(dict(model=model, num_seeds=K, batch_size=32, num_steps=1000, augment='crop(pad=2)|flip'))
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smallfx import config as base
+from smallfx import train
+
+SHAPES = {'cnn': (28, 28, 1), 'resnet20': (32, 32, 3), 'mlp': (28, 28, 1)}
+
+
+def make(model, k, batch, unroll, in_a_row, n=2000):
+  c = base.default()
+  c.update(dict(model=model, num_seeds=k, batch_size=batch, num_steps=1000,
+                augment='crop(pad=2)|flip'))
+  shape = SHAPES[model]
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (2000, 28, 28, 1), dtype=np.uint8); labels = rng.integers(0, 10, 2000).astype(np.int32)
-  setup = train.build(c, 10, 2000)
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(K))
-  st = jax.vmap(lambda k: train.init_state(setup.model, setup.tx, (28, 28, 1), k))(keys)
+  images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+  labels = rng.integers(0, 10, n).astype(np.int32)
+  setup = train.build(c, 10, n)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(k))
+  state = jax.vmap(lambda key: train.init_state(setup.model, setup.tx, shape, key))(keys)
   mesh = train.make_mesh(c)
-  st = train.place_state(st.replace(rng=jax.random.key_data(st.rng)), mesh)
-  step = train.make_train_step(setup, 10, 0.5, 0.25, mesh, unroll=unroll)
-  return step, st, jnp.asarray(images), jnp.asarray(labels)
-def timeit(step, st, x, y, n=20):
-  st, m = step(st, x, y); jax.block_until_ready(m)
-  ts = []
-  for _ in range(3):
-    t = time.perf_counter()
-    for _ in range(n): st, m = step(st, x, y)
-    jax.block_until_ready(m); ts.append((time.perf_counter() - t) / n)
-  return np.median(ts)
-model = sys.argv[1]
-one = timeit(*make(1, False, model))
-for K in (4, 8):
-  v = timeit(*make(K, False, model)); u = timeit(*make(K, True, model))
-  print(f'{model} K={K}: per step vmap {v*1e3:.1f} ms, unrolled {u*1e3:.1f} ms, K x single {K*one*1e3:.1f} ms -> vmap/seq {v/(K*one):.2f}, unrolled/seq {u/(K*one):.2f}', flush=True)
+  state = train.place_state(state.replace(rng=jax.random.key_data(state.rng)), mesh)
+  step = train.make_train_step(setup, 10, 0.5, 0.25, mesh, unroll=unroll, in_a_row=in_a_row)
+  x, y = jnp.asarray(images), jnp.asarray(labels)
+  state, m = step(state, x, y)  # compile
+  jax.block_until_ready(m)
+  return [step, state, x, y]
+
+
+def time_steps(run, steps):
+  step, state, x, y = run
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, x, y)
+  jax.block_until_ready(m)
+  run[1] = state
+  return (time.perf_counter() - t) / steps
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--model', default='cnn', choices=sorted(SHAPES))
+  p.add_argument('--batch', type=int, default=32)
+  p.add_argument('--seeds', default='4,8')
+  p.add_argument('--steps', type=int, default=20)
+  p.add_argument('--rounds', type=int, default=5)
+  args = p.parse_args()
+  print(f'{args.model} batch {args.batch}, {jax.devices()[0].device_kind}, '
+        f'{args.rounds} rounds x {args.steps} steps; ms per K seed-steps')
+  single = make(args.model, 1, args.batch, True, True)
+  for k in [int(v) for v in args.seeds.split(',')]:
+    layouts = {'single x K': single,
+               'vmapped': make(args.model, k, args.batch, False, False),
+               'unrolled': make(args.model, k, args.batch, True, False),
+               'in a row': make(args.model, k, args.batch, True, True)}
+    times = {name: [] for name in layouts}
+    for _ in range(args.rounds):
+      for name, run in layouts.items():
+        times[name].append(time_steps(run, args.steps) * 1e3 * (k if run is single else 1))
+    ref = np.median(times['single x K'])
+    print(f'K={k}: ' + ', '.join(
+        f'{name} {np.median(t):.1f} [{min(t):.1f}-{max(t):.1f}] (x{np.median(t) / ref:.2f})'
+        for name, t in times.items()), flush=True)
+
+
+if __name__ == '__main__':
+  main()
