@@ -7,7 +7,7 @@ Both sides train the same model, batch size, augmentation (random crop with 4-pi
 zero padding, horizontal flip) and optimiser (SGD, momentum 0.9, Nesterov, weight
 decay 5e-4 on kernels only, cross-entropy) on the same synthetic uint8 data, which
 lives on the device as in the training loop. smallfx runs exactly what
-`smallfx.train` runs: `build(config)` and `make_train_step(...)` (seed-vmapped,
+`smallfx.train` runs: `build(config)` and `make_train_step(...)` (K seeds in one program,
 state-donating, drawing and augmenting the batch on the device). PyTorch runs an
 eager loop with the batch gathered, cropped and flipped in torch from a uint8
 tensor; its memory format (channels-last or NCHW) is chosen per case by a short
@@ -21,7 +21,8 @@ spread; ratios are smallfx / PyTorch throughput (> 1: smallfx faster).
 Cases:
   resnet20  CIFAR ResNet-20 on 32x32x3, batch 128.
   cnn       SmallCNN (conv32-pool-conv64-pool-dense128) on 28x28x1, batch 32.
-  seeds     K seeds (K in --seeds): smallfx's vmapped K-seed step against K
+  seeds     K seeds (K in --seeds): smallfx's K-seed step (one program: vmapped on
+            GPU, unrolled in a row on CPU; JSON key 'vmapped') against K
             sequential smallfx runs and K sequential PyTorch runs (same total work).
 
 `--ref REF` also times the smallfx of git revision REF (extracted to a temporary
@@ -578,15 +579,15 @@ def fmt_seeds(r):
   for k, res in r['by_k'].items():
     v = res['vmapped']
     m, lo, hi = v['time_vs_sequential']
-    line = (f"  K={k}: vmapped {v['total_seconds']:.2f}s, sequential "
-            f"{res['sequential']['total_seconds']:.2f}s (vmapped/sequential {m:.2f} "
+    line = (f"  K={k}: one program {v['total_seconds']:.2f}s, sequential "
+            f"{res['sequential']['total_seconds']:.2f}s (one program/sequential {m:.2f} "
             f"[{lo:.2f}-{hi:.2f}])")
     if 'torch' in res:
       mt, lt, ht = v['time_vs_torch']
-      line += (f", torch {res['torch']['total_seconds']:.2f}s (vmapped/torch {mt:.2f} "
+      line += (f", torch {res['torch']['total_seconds']:.2f}s (one program/torch {mt:.2f} "
                f"[{lt:.2f}-{ht:.2f}])")
     if 'speedup_vs_ref' in v:
-      line += f", vmapped vs ref x{v['speedup_vs_ref'][0]:.2f}"
+      line += f", one program vs ref x{v['speedup_vs_ref'][0]:.2f}"
     lines.append(line)
   return '\n'.join(lines)
 
