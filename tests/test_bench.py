@@ -26,3 +26,18 @@ def test_bench_quick_cnn(tmp_path):
     assert r['peak_memory_mb'] > 0, name
   assert case['results']['smallfx']['xla_flops_per_step'] > 0
   assert case['results']['smallfx']['ratio_vs_torch'] > 0
+
+
+def test_seed_layout_and_seed_runs_tools_run():
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_seed_layout.py'),
+                        '--model', 'mlp', '--seeds', '2', '--steps', '2', '--rounds', '1'],
+                       check=True, cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
+  assert 'K=2: single x K' in out.stdout and 'in a row' in out.stdout
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_seed_runs.py'),
+                        '--seeds', '2', '--', '--config=configs/cosine.py', '--config.model=mlp',
+                        '--config.num_steps=5', '--config.baseline=none'],
+                       check=True, cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert len(report['separate_s']) == 2 and report['together_s'] > 0
+  assert report['together_results']['num_seeds'] == 2
