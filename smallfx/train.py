@@ -208,7 +208,10 @@ def unroll_seeds(mesh) -> bool:
 def make_train_step(setup: Setup, num_classes: int, mean, std, mesh=None,
                     per_seed_data: bool = False, unroll: bool | None = None,
                     in_a_row: bool = True):
-  """(state, images_u8, labels) -> (state, metrics), vmapped over seeds and jitted.
+  """(state, images_u8, labels) -> (state, metrics), mapped over seeds and jitted.
+
+  Seeds are vmapped, or on CPU unrolled (`unroll`, default: on CPU with one seed
+  device), one after another unless `in_a_row=False` (see `over_seeds`).
 
   Data parallelism is SPMD under `jax.jit`: the batch is constrained to split
   over the mesh's 'data' axis and XLA inserts the all-reduces of gradients and
@@ -246,8 +249,9 @@ def compiler_options(mesh) -> dict | None:
   speed-up over XLA's defaults, measured side by side in one process (2-core AMD
   EPYC, jax 0.10.2, batch 32 unless noted): SmallCNN x1.27, ResNet-20 (b128)
   x1.13, EfficientNet-Lite0 (96 px) x1.36, ResNet-18 (96 px) x1.19, WRN-16-8
-  x1.13, MLP x1.05. Adding YNN elementwise fusions helps ResNet-20 more (x1.4)
-  but costs EfficientNet-Lite0 x0.71 and SmallCNN x0.85 (experiments/bench).
+  x1.13, MLP x1.05. Adding YNN elementwise fusions helps ResNet-20 more (x1.4
+  over the default) but leaves EfficientNet-Lite0 at x0.71 and SmallCNN at x1.02-1.10
+  of the default (experiments/bench/README.md).
   """
   if mesh.devices.flat[0].platform != 'cpu' or not _cpu_options_accepted():
     return None

@@ -195,3 +195,17 @@ def test_changed_config_refuses_to_resume(tmp_path):
   r = run_cli('smallfx.main', '--config=configs/cosine.py', f'--workdir={tmp_path}', *QUICK,
               '--config.num_steps=20', '--config.learning_rate=0.05')
   assert r.returncode == 2 and 'learning_rate' in r.stderr
+
+
+def test_cpu_compiler_options_are_probed():
+  mesh = jax.make_mesh((1, 1), ('seed', 'data'), (jax.sharding.AxisType.Auto,) * 2)
+  expected = train.CPU_OPTIONS if train._cpu_options_accepted() else None
+  assert train.compiler_options(mesh) == expected
+  saved = train.CPU_OPTIONS
+  try:
+    train.CPU_OPTIONS = {'xla_cpu_no_such_option': 'x'}
+    train._cpu_options_accepted.cache_clear()
+    assert train.compiler_options(mesh) is None  # an unknown option must not break compiles
+  finally:
+    train.CPU_OPTIONS = saved
+    train._cpu_options_accepted.cache_clear()
