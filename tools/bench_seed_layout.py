@@ -23,7 +23,8 @@ import numpy as np
 from smallfx import config as base
 from smallfx import train
 
-SHAPES = {'cnn': (28, 28, 1), 'resnet20': (32, 32, 3), 'mlp': (28, 28, 1)}
+SHAPES = {'cnn': (28, 28, 1), 'resnet20': (32, 32, 3), 'mlp': (28, 28, 1),
+          'wrn16_8': (32, 32, 3), 'resnet18': (96, 96, 3), 'efficientnet_lite0': (96, 96, 3)}
 
 
 def make(model, k, batch, unroll, in_a_row, n=2000):

@@ -10,6 +10,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from smallfx.models import conv as conv_lib
+
 # PyTorch's BatchNorm defaults (momentum 0.1 = Flax 0.9, eps 1e-5), so results
 # compare with the reference implementations.
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
@@ -22,7 +24,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(conv_lib.Conv, use_bias=False, dtype=self.dtype)
     norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
     y = conv(self.features, (3, 3), strides=self.strides)(x)
     y = nn.relu(norm()(y))
@@ -45,7 +47,7 @@ class CifarResNet(nn.Module):
     assert (self.depth - 2) % 6 == 0, 'depth must be 6n+2'
     n = (self.depth - 2) // 6
     widths = [int(w * self.width) for w in (16, 32, 64)]
-    x = nn.Conv(widths[0], (3, 3), use_bias=False, dtype=self.dtype)(x.astype(self.dtype))
+    x = conv_lib.Conv(widths[0], (3, 3), use_bias=False, dtype=self.dtype)(x.astype(self.dtype))
     x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype)(x))
     for stage, features in enumerate(widths):
       for i in range(n):
@@ -62,7 +64,7 @@ class WideBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(conv_lib.Conv, use_bias=False, dtype=self.dtype)
     norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
     o = nn.relu(norm()(x))
     y = conv(self.features, (3, 3), strides=self.strides)(o)
@@ -83,7 +85,7 @@ class WideResNet(nn.Module):
     assert (self.depth - 4) % 6 == 0, 'depth must be 6n+4'
     n = (self.depth - 4) // 6
     k = self.widen * self.width
-    x = nn.Conv(16, (3, 3), use_bias=False, dtype=self.dtype)(x.astype(self.dtype))
+    x = conv_lib.Conv(16, (3, 3), use_bias=False, dtype=self.dtype)(x.astype(self.dtype))
     for stage, base in enumerate((16, 32, 64)):
       for i in range(n):
         x = WideBlock(int(base * k), 2 if stage > 0 and i == 0 else 1, self.dtype)(x, train)

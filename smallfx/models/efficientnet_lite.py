@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from smallfx.models import conv as conv_lib
+
 # TF's batch norm: epsilon 1e-3 and moving-average decay 0.99, which is Flax's
 # `momentum` (PyTorch writes the same thing as momentum = 1 - 0.99 = 0.01).
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.99, epsilon=1e-3)
@@ -146,7 +148,7 @@ class MBConv(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, padding='SAME', dtype=self.dtype,
+    conv = functools.partial(conv_lib.Conv, use_bias=False, padding='SAME', dtype=self.dtype,
                              kernel_init=_conv_init)
     norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
     hidden = x.shape[-1] * self.expand
@@ -171,7 +173,7 @@ class EfficientNetLite(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, padding='SAME', dtype=self.dtype,
+    conv = functools.partial(conv_lib.Conv, use_bias=False, padding='SAME', dtype=self.dtype,
                              kernel_init=_conv_init)
     norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
     x = conv(STEM_FEATURES, (3, 3), strides=2, name='conv_stem')(x.astype(self.dtype))

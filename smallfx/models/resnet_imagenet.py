@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from smallfx.models import conv as conv_lib
+
 # PyTorch's BatchNorm defaults: momentum 0.1 (Flax 0.9) and eps 1e-5.
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
@@ -23,7 +25,7 @@ _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 def _conv(features, kernel, strides=1, name=None, dtype=jnp.float32):
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=strides, padding=((pad, pad), (pad, pad)),
+  return conv_lib.Conv(features, (kernel, kernel), strides=strides, padding=((pad, pad), (pad, pad)),
                  use_bias=False, kernel_init=_conv_init, dtype=dtype, name=name)
 
 

@@ -5,6 +5,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from smallfx.models import conv as conv_lib
+
 
 class MLP(nn.Module):
   width: float = 1.0
@@ -47,7 +49,7 @@ class SmallCNN(nn.Module):
     del train
     x = x.astype(self.dtype)
     for features in (32, 64):
-      x = nn.relu(nn.Conv(int(features * self.width), (3, 3), dtype=self.dtype)(x))
+      x = nn.relu(conv_lib.Conv(int(features * self.width), (3, 3), dtype=self.dtype)(x))
       x = max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
     return nn.relu(nn.Dense(int(128 * self.width), dtype=self.dtype)(x))

@@ -1,0 +1,170 @@
+"""`Conv`: flax's convolution, with gradients that XLA:CPU computes fast.
+
+The same maths as `nn.Conv` (same parameters and names, equal values and
+gradients to float rounding); only the formulation XLA receives differs, and only
+on CPU. ResNet-20's train step (batch 128, 2-core EPYC) is 1.35x faster with it
+(experiments/bench/README.md, "Convolution gradients"). Two things are slow there:
+
+1. The kernel gradient. JAX writes it as a convolution whose *input* is the
+   layer's input x with the batch as feature dimension; XLA:CPU's kernels want
+   the feature dimension innermost, so it transposes x to (C, H, W, N) and fuses
+   into that transpose a recomputation of x's producer (BatchNorm, ReLU, the
+   residual sum), read at a stride of H*W*C floats: up to 77 ms of a 500 ms step
+   for one layer. Here the roles are swapped: dy is the input and x the kernel,
+   (N, H, W, C) -> (H, W, N, C), a transpose that keeps C's contiguous runs. XLA
+   moves operands back unless dy is as large as x, so dy is zero-padded to x's size.
+   This pays for narrow layers (C_in <= 32); wider ones gain nothing, and 1x1
+   kernels keep lax's form, a matrix product that XLA gives to YNNPACK.
+
+2. Strided convolutions. Their gradients are convolutions with lhs or rhs
+   dilation, which XLA:CPU runs through slow generic kernels (and the kernel
+   gradient through the transpose above). A 1x1 stride-s convolution is a 1x1
+   convolution of the strided slice; a k x k one is a stride-1 convolution of the
+   space-to-depth input (s*s*C channels, ceil(k/s) taps). The latter does up to
+   (4/3)^2 = 1.8x the FLOPs for k=3, s=2, which pays off for narrow layers only:
+   measured per layer (fwd+bwd, batch 128): 16->32 channels 20.5 -> 19.2 ms,
+   32->64 10.6 -> 12.8 ms, 128->256 (batch 32) 121 -> 163 ms. Hence the limit
+   `SPACE_TO_DEPTH_MAX_CHANNELS` on s*s*C.
+
+GPUs (cuDNN) handle all of these natively, so elsewhere this is `lax`'s own.
+Grouped (depthwise) and dilated convolutions always go to `lax` unchanged.
+"""
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+# Where each rewrite pays, from the train steps of `python tools/bench_conv.py`
+# (ms per step, lax -> rewrite, 2-core EPYC). The swapped kernel gradient: on for
+# C_in <= 32, ResNet-20 x1.35; <= 64, ResNet-20 x1.38 but ResNet-18 (64-512
+# channels, 96 px) x0.96; always, ResNet-18 x0.91. Space-to-depth for s*s*C_in
+# <= 64: ResNet-20 505 -> 386 ms; <= 128, 397 ms; always, 396 ms and WRN-16-8
+# (128+ channels) x0.94; only 1x1 ones, 448 ms.
+SWAPPED_KERNEL_GRAD_MAX_CHANNELS = 32
+SPACE_TO_DEPTH_MAX_CHANNELS = 64
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated`, in the CPU formulation when running on CPU."""
+  if jax.default_backend() != 'cpu' or not _is_plain_2d(
+      lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+      batch_group_count, preferred_element_type):
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type)
+  return cpu_conv(lhs, rhs, window_strides, padding, precision)
+
+
+def _is_plain_2d(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                 feature_group_count, batch_group_count, preferred_element_type):
+  def ones(dilation):
+    return dilation is None or all(d == 1 for d in dilation)
+  return (lhs.ndim == 4 and dimension_numbers is not None  # None means NCHW to lax
+          and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+          == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+          and ones(lhs_dilation) and ones(rhs_dilation) and feature_group_count == 1
+          and batch_group_count == 1 and preferred_element_type is None)
+
+
+def cpu_conv(x, w, strides, padding, precision=None):
+  """NHWC x HWIO convolution in the CPU formulation (any platform, for tests)."""
+  strides = tuple(strides)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
+  padding = tuple(tuple(p) for p in padding)
+  if strides == (1, 1):
+    return _stride_1(x, w, padding, precision)
+  out = [(x.shape[1 + d] + sum(padding[d]) - w.shape[d]) // strides[d] + 1 for d in range(2)]
+  if w.shape[:2] == (1, 1):
+    x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0),
+                                            (0, 0, 0)))
+    x = x[:, ::strides[0], ::strides[1]][:, :out[0], :out[1]]
+    return _stride_1(x, w, ((0, 0), (0, 0)), precision)
+  if strides[0] * strides[1] * x.shape[-1] > SPACE_TO_DEPTH_MAX_CHANNELS:
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC,
+                                    precision=precision)
+  return _stride_1(*_space_to_depth(x, w, strides, padding, out), ((0, 0), (0, 0)), precision)
+
+
+def _stride_1(x, w, padding, precision):
+  # A 1x1 kernel's gradient is a matrix product, which XLA already gives to a
+  # fast library (YNNPACK); as a convolution it would not be.
+  if w.shape[:2] == (1, 1) or x.shape[-1] > SWAPPED_KERNEL_GRAD_MAX_CHANNELS:
+    return _lax_conv(x, w, padding, precision)
+  return _conv(x, w, padding, precision)
+
+
+def _space_to_depth(x, w, strides, padding, out):
+  """A stride-s convolution's operands as a stride-1 (VALID) convolution's.
+
+  With taps k = s*a + b, y[i] = sum_k x[s*i + k] w[k] = sum_{a,b} X[i + a, b] W[a, b]
+  where X[j, b] = x[s*j + b] and W[a, b] = w[s*a + b] (zero beyond the kernel).
+  """
+  n, _, _, c = x.shape
+  kh, kw, _, o = w.shape
+  taps = [-(-k // s) for k, s in zip((kh, kw), strides)]
+  size = [o_ + t - 1 for o_, t in zip(out, taps)]
+  # Pad (or crop: lax.pad takes negative amounts) to exactly s * size rows and columns.
+  x = lax.pad(x, jnp.zeros((), x.dtype), (
+      (0, 0, 0),
+      *[(padding[d][0], strides[d] * size[d] - x.shape[1 + d] - padding[d][0], 0)
+        for d in range(2)],
+      (0, 0, 0)))
+  x = x.reshape(n, size[0], strides[0], size[1], strides[1], c)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(n, size[0], size[1], strides[0] * strides[1] * c)
+  w = jnp.pad(w, ((0, taps[0] * strides[0] - kh), (0, taps[1] * strides[1] - kw), (0, 0), (0, 0)))
+  w = w.reshape(taps[0], strides[0], taps[1], strides[1], c, o).transpose(0, 2, 1, 3, 4, 5)
+  return x, w.reshape(taps[0], taps[1], strides[0] * strides[1] * c, o)
+
+
+def _lax_conv(x, w, padding, precision):
+  return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC,
+                                  precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, w, padding, precision):
+  """Stride-1 NHWC convolution whose kernel gradient takes dy as the input."""
+  return _lax_conv(x, w, padding, precision)
+
+
+def _conv_fwd(x, w, padding, precision):
+  return _conv(x, w, padding, precision), (x, w)
+
+
+def _conv_bwd(padding, precision, residuals, dy):
+  x, w = residuals
+  _, input_grad = jax.vjp(lambda x: _lax_conv(x, w, padding, precision), x)
+  dx, = input_grad(dy)
+  return dx, _kernel_grad(x, dy, w.shape[:2], padding, precision)
+
+
+def _kernel_grad(x, dy, kernel, padding, precision):
+  # dW[k] = sum_i dy[i] x[i + k - lo] is a correlation of dy (the input: batch
+  # C_out, features N) with x (the kernel: in N, out C_in), flipped: output j = K-1-k
+  # with dy padded by K-1-lo in front. Padded at the end to x's size as well.
+  grow = [max(x.shape[1 + d] - dy.shape[1 + d], 0) for d in range(2)]
+  dy = jnp.pad(dy, ((0, 0), (0, grow[0]), (0, grow[1]), (0, 0)))
+  pads = []
+  for d, k in enumerate(kernel):
+    front = k - 1 - padding[d][0]
+    pads.append((front, k + x.shape[1 + d] - 1 - dy.shape[1 + d] - front))
+  dw = lax.conv_general_dilated(dy, x, (1, 1), pads, dimension_numbers=('CHWN', 'IHWO', 'HWCN'),
+                                precision=precision)
+  return dw[::-1, ::-1]
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+class Conv(nn.Conv):
+  """`nn.Conv` computed by `conv_general_dilated` above; same parameters and names."""
+  conv_general_dilated: Callable = conv_general_dilated

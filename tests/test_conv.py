@@ -1,0 +1,89 @@
+"""`smallfx.models.conv`: the CPU formulation is lax's convolution, values and gradients."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from smallfx.models import conv
+
+# (batch, size, C_in, C_out, kernel, stride, padding): every branch of `cpu_conv`
+# (stride 1; 1x1 strided; space-to-depth; too wide for either) with SAME, VALID,
+# uneven and over-wide padding, odd sizes, and kernels larger than the stride.
+CASES = [
+    (2, 8, 3, 4, 3, 1, 'SAME'),
+    (2, 9, 2, 5, 3, 1, 'VALID'),
+    (1, 7, 2, 3, 3, 1, ((3, 0), (1, 2))),
+    (2, 8, 4, 6, 1, 1, 'SAME'),
+    (2, 8, 4, 6, 1, 2, 'SAME'),
+    (2, 9, 4, 6, 1, 2, ((1, 1), (0, 1))),
+    (2, 8, 4, 6, 3, 2, 'SAME'),
+    (2, 9, 3, 4, 3, 2, 'VALID'),
+    (1, 11, 2, 3, 4, 3, ((1, 2), (2, 1))),
+    (1, 15, 3, 4, 7, 2, ((3, 3), (3, 3))),
+    (2, 8, 32, 5, 3, 2, 'SAME'),  # 4 * 32 channels: lax's strided convolution
+    (2, 6, 5, 3, 5, 1, 'SAME'),
+    (1, 6, 40, 3, 3, 1, 'SAME'),  # 40 channels: lax's kernel gradient
+]
+
+
+def _reference(x, w, stride, padding):
+  return lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                  dimension_numbers=conv.NHWC,
+                                  precision=lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize('n,size,cin,cout,k,stride,padding', CASES)
+def test_cpu_conv_equals_lax_with_gradients(n, size, cin, cout, k, stride, padding):
+  kx, kw, kdy = jax.random.split(jax.random.key(size * k + stride), 3)
+  x = jax.random.normal(kx, (n, size, size, cin))
+  w = jax.random.normal(kw, (k, k, cin, cout))
+  ours = jax.jit(lambda x, w: conv.cpu_conv(x, w, (stride, stride), padding,
+                                            lax.Precision.HIGHEST))
+  y, vjp = jax.vjp(ours, x, w)
+  y_ref, vjp_ref = jax.vjp(lambda x, w: _reference(x, w, stride, padding), x, w)
+  chex.assert_trees_all_close(y, y_ref, atol=1e-4, rtol=1e-4)
+  dy = jax.random.normal(kdy, y.shape)
+  chex.assert_trees_all_close(vjp(dy), vjp_ref(dy), atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_under_vmap_as_seeds_use_them():
+  x = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 6))
+
+  def grads(conv_fn):
+    loss = lambda w, x: jnp.sum(jnp.tanh(conv_fn(x, w)))  # pylint: disable=unnecessary-lambda-assignment
+    return jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(w, x)
+
+  ours = grads(lambda x, w: conv.cpu_conv(x, w, (2, 2), 'SAME', lax.Precision.HIGHEST))
+  ref = grads(lambda x, w: _reference(x, w, 2, 'SAME'))
+  chex.assert_trees_all_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('kw', [dict(feature_group_count=4), dict(kernel_dilation=2),
+                                dict(strides=2),
+                                dict(input_dilation=2, padding=((1, 1), (1, 1)))])
+def test_module_matches_flax_conv(kw):
+  """Same parameter tree and outputs as nn.Conv; grouped/dilated ones go to lax."""
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
+  ours, theirs = conv.Conv(8, (3, 3), **kw), nn.Conv(8, (3, 3), **kw)
+  params = theirs.init(jax.random.key(1), x)
+  chex.assert_trees_all_equal_shapes(ours.init(jax.random.key(1), x), params)
+  loss = lambda module: lambda p: jnp.sum(module.apply(p, x) ** 2)  # pylint: disable=unnecessary-lambda-assignment
+  chex.assert_trees_all_close(jax.value_and_grad(loss(ours))(params),
+                              jax.value_and_grad(loss(theirs))(params), atol=1e-3, rtol=1e-4)
+
+
+def test_kernel_gradient_stays_in_the_canonical_formulation():
+  """XLA swaps dy and x back (non-canonical, reversed) unless dy is x's size."""
+  x = jnp.ones((8, 16, 16, 4))
+  w = jnp.ones((3, 3, 4, 4))
+  grad = jax.jit(jax.grad(lambda w: jnp.sum(conv.cpu_conv(x, w, (1, 1), 'VALID') ** 2)))
+  convolutions = [line for line in grad.lower(w).compile().as_text().splitlines()
+                  if ' convolution(' in line]
+  assert len(convolutions) == 2, convolutions  # forward, kernel gradient
+  for line in convolutions:
+    assert 'dim_labels=b01f_01io->b01f' in line and 'rhs_reversal' not in line, line

@@ -1,0 +1,54 @@
+"""Convolutions on CPU: smallfx's formulation (`smallfx.models.conv`) against lax's.
+
+    python tools/bench_conv.py --models resnet20:128,cnn:32,wrn16_8:32
+
+Times the real train step (`smallfx.train.make_train_step`, one seed) of each
+model with `smallfx.models.conv` as it is and with its convolutions handed to
+`lax.conv_general_dilated` unchanged, both compiled in this process and timed in
+interleaved rounds. Prints milliseconds per step (median [min-max]) and the ratio.
+"""
+import argparse
+
+import jax
+import numpy as np
+from jax import lax
+
+import bench_seed_layout
+from smallfx.models import conv
+
+
+def lax_conv(x, w, strides, padding, precision=None):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=conv.NHWC,
+                                  precision=precision)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--models', default='resnet20:128,cnn:32,wrn16_8:32,resnet18:32,'
+                 'efficientnet_lite0:32', help='MODEL:BATCH,... (sizes: bench_seed_layout.SHAPES)')
+  p.add_argument('--steps', type=int, default=0, help='steps per round (0: about 1 s)')
+  p.add_argument('--rounds', type=int, default=5)
+  args = p.parse_args()
+  print(f'{jax.devices()[0].device_kind}, {args.rounds} rounds; ms per step')
+  ours = conv.cpu_conv
+  for spec in args.models.split(','):
+    model, batch = spec.split(':')
+    runs = {}
+    for name, fn in (('lax', lax_conv), ('smallfx', ours)):
+      conv.cpu_conv = fn  # read when the step is traced, i.e. inside make()
+      runs[name] = bench_seed_layout.make(model, 1, int(batch), True, True)
+    conv.cpu_conv = ours
+    first = bench_seed_layout.time_steps(runs['lax'], 1)
+    steps = args.steps or max(1, int(1.0 / first))
+    times = {name: [] for name in runs}
+    for _ in range(args.rounds):
+      for name, run in runs.items():
+        times[name].append(bench_seed_layout.time_steps(run, steps) * 1e3)
+    med = {name: np.median(t) for name, t in times.items()}
+    print(f'{model} b{batch}: ' + ', '.join(
+        f'{name} {med[name]:.1f} [{min(t):.1f}-{max(t):.1f}]' for name, t in times.items())
+          + f'; lax / smallfx x{med["lax"] / med["smallfx"]:.2f}', flush=True)
+
+
+if __name__ == '__main__':
+  main()
