@@ -11,12 +11,13 @@ from jax import lax
 from smallfx.models import conv
 
 # (batch, size, C_in, C_out, kernel, stride, padding): every branch of `cpu_conv`
-# (stride 1; 1x1 strided; space-to-depth; too wide for either) with SAME, VALID,
-# uneven and over-wide padding, odd sizes, and kernels larger than the stride.
+# (stride 1; 1x1 strided; space-to-depth; lax's where a rewrite does not pay),
+# with SAME, VALID, uneven and over-wide padding, odd sizes, kernels > stride.
 CASES = [
-    (2, 8, 3, 4, 3, 1, 'SAME'),
-    (2, 9, 2, 5, 3, 1, 'VALID'),
-    (1, 7, 2, 3, 3, 1, ((3, 0), (1, 2))),
+    (2, 8, 4, 3, 3, 1, 'SAME'),
+    (2, 9, 5, 5, 3, 1, 'VALID'),
+    (1, 7, 3, 2, 3, 1, ((3, 0), (1, 2))),
+    (2, 8, 3, 4, 3, 1, 'SAME'),  # C_out > C_in: lax's kernel gradient
     (2, 8, 4, 6, 1, 1, 'SAME'),
     (2, 8, 4, 6, 1, 2, 'SAME'),
     (2, 9, 4, 6, 1, 2, ((1, 1), (0, 1))),

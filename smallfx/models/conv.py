@@ -13,8 +13,9 @@ on CPU. ResNet-20's train step (batch 128, 2-core EPYC) is 1.35x faster with it
    for one layer. Here the roles are swapped: dy is the input and x the kernel,
    (N, H, W, C) -> (H, W, N, C), a transpose that keeps C's contiguous runs. XLA
    moves operands back unless dy is as large as x, so dy is zero-padded to x's size.
-   This pays for narrow layers (C_in <= 32); wider ones gain nothing, and 1x1
-   kernels keep lax's form, a matrix product that XLA gives to YNNPACK.
+   The strided transpose now falls on dy, so this is done where dy is no larger
+   than x (C_out <= C_in) and the layer is narrow (C_in <= 32): wider layers gain
+   nothing, and 1x1 kernels keep lax's form, a matrix product XLA gives YNNPACK.
 
 2. Strided convolutions. Their gradients are convolutions with lhs or rhs
    dilation, which XLA:CPU runs through slow generic kernels (and the kernel
@@ -41,11 +42,12 @@ from jax import lax
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 # Where each rewrite pays, from the train steps of `python tools/bench_conv.py`
-# (ms per step, lax -> rewrite, 2-core EPYC). The swapped kernel gradient: on for
-# C_in <= 32, ResNet-20 x1.35; <= 64, ResNet-20 x1.38 but ResNet-18 (64-512
-# channels, 96 px) x0.96; always, ResNet-18 x0.91. Space-to-depth for s*s*C_in
-# <= 64: ResNet-20 505 -> 386 ms; <= 128, 397 ms; always, 396 ms and WRN-16-8
-# (128+ channels) x0.94; only 1x1 ones, 448 ms.
+# (lax / rewrite, 2-core EPYC). The swapped kernel gradient, C_out <= C_in and
+# C_in <= 32: ResNet-20 x1.31-1.35, SmallCNN (1->32, 32->64) untouched; without
+# C_out <= C_in, SmallCNN x0.93; up to C_in 64, ResNet-18 (64-512 channels, 96 px)
+# x0.96; always, ResNet-18 x0.91. Space-to-depth for s*s*C_in <= 64: ResNet-20
+# 505 -> 386 ms; <= 128, 397 ms; always, 396 ms and WRN-16-8 (128+ channels)
+# x0.94; only 1x1 ones, 448 ms.
 SWAPPED_KERNEL_GRAD_MAX_CHANNELS = 32
 SPACE_TO_DEPTH_MAX_CHANNELS = 64
 
@@ -97,7 +99,7 @@ def cpu_conv(x, w, strides, padding, precision=None):
 def _stride_1(x, w, padding, precision):
   # A 1x1 kernel's gradient is a matrix product, which XLA already gives to a
   # fast library (YNNPACK); as a convolution it would not be.
-  if w.shape[:2] == (1, 1) or x.shape[-1] > SWAPPED_KERNEL_GRAD_MAX_CHANNELS:
+  if w.shape[:2] == (1, 1) or not w.shape[3] <= w.shape[2] <= SWAPPED_KERNEL_GRAD_MAX_CHANNELS:
     return _lax_conv(x, w, padding, precision)
   return _conv(x, w, padding, precision)
 
