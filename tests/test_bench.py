@@ -1,4 +1,4 @@
-"""tools/bench.py runs end to end: a smoke run with tiny sizes, both frameworks timed."""
+"""The benchmark tools run end to end: smoke runs with tiny sizes."""
 
 import json
 import os
@@ -41,3 +41,12 @@ def test_seed_layout_and_seed_runs_tools_run():
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert len(report['separate_s']) == 2 and report['together_s'] > 0
   assert report['together_results']['num_seeds'] == 2
+
+
+def test_conv_tool_times_both_formulations():
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_conv.py'),
+                        '--models', 'resnet20:2', '--steps', '1', '--rounds', '1'],
+                       check=True, cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
+  (line,) = [row for row in out.stdout.splitlines() if row.startswith('resnet20 b2:')]
+  assert 'lax ' in line and 'smallfx ' in line and 'lax / smallfx x' in line, out.stdout
