@@ -20,6 +20,7 @@ spread; ratios are smallfx / PyTorch throughput (> 1: smallfx faster).
 
 Cases:
   resnet20  CIFAR ResNet-20 on 32x32x3, batch 128.
+  resnet56  the same at depth 56 (only when named in --cases).
   cnn       SmallCNN (conv32-pool-conv64-pool-dense128) on 28x28x1, batch 32.
   seeds     K seeds (K in --seeds): smallfx's K-seed step (one program: vmapped on
             GPU, unrolled in a row on CPU; JSON key 'vmapped') against K
@@ -59,6 +60,7 @@ PAD = 4
 CASES = {
     # name: (model, image shape, batch size, steps per round, quick steps)
     'resnet20': ('resnet20', (32, 32, 3), 128, 4, 2),
+    'resnet56': ('resnet56', (32, 32, 3), 128, 2, 1),  # not in the default --cases
     'cnn': ('cnn', (28, 28, 1), 32, 40, 4),
 }
 
@@ -258,15 +260,16 @@ def torch_models():
       y = self.bn2(self.conv2(y))
       return F.relu(y + (x if self.short is None else self.short(x)))
 
-  class ResNet20(nn.Module):
+  class CifarResNet(nn.Module):
+    """smallfx.models.cifar_resnet.CifarResNet."""
 
-    def __init__(self, channels, num_classes):
+    def __init__(self, channels, num_classes, depth):
       super().__init__()
       self.stem = nn.Conv2d(channels, 16, 3, 1, 1, bias=False)
       self.bn = nn.BatchNorm2d(16)
       blocks, cin = [], 16
       for stage, cout in enumerate((16, 32, 64)):
-        for i in range(3):
+        for i in range((depth - 2) // 6):
           blocks.append(Block(cin, cout, 2 if stage > 0 and i == 0 else 1))
           cin = cout
       self.blocks = nn.Sequential(*blocks)
@@ -290,7 +293,8 @@ def torch_models():
       x = F.max_pool2d(F.relu(self.conv2(x)), 2)
       return self.head(F.relu(self.dense(x.flatten(1))))
 
-  return torch, F, {'resnet20': lambda c, s: ResNet20(c, NUM_CLASSES),
+  return torch, F, {'resnet20': lambda c, s: CifarResNet(c, NUM_CLASSES, 20),
+                    'resnet56': lambda c, s: CifarResNet(c, NUM_CLASSES, 56),
                     'cnn': lambda c, s: SmallCNN(c, NUM_CLASSES, s)}
 
 

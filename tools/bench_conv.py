@@ -14,6 +14,7 @@ import numpy as np
 from jax import lax
 
 import bench_seed_layout
+from smallfx import models
 from smallfx.models import conv
 
 
@@ -25,14 +26,18 @@ def lax_conv(x, w, strides, padding, precision=None):
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--models', default='resnet20:128,cnn:32,wrn16_8:32,resnet18:32,'
-                 'efficientnet_lite0:32', help='MODEL:BATCH,... (sizes: bench_seed_layout.SHAPES)')
+                 'efficientnet_lite0:32', help='MODEL:BATCH,... (image sizes: bench_seed_layout.image_shape)')
   p.add_argument('--steps', type=int, default=0, help='steps per round (0: about 1 s)')
   p.add_argument('--rounds', type=int, default=5)
   args = p.parse_args()
+  specs = [spec.split(':') for spec in args.models.split(',')]
+  for spec in specs:
+    if len(spec) != 2 or spec[0] not in models.BACKBONES or not spec[1].isdigit():
+      p.error(f'--models: {":".join(spec)!r} is not MODEL:BATCH with MODEL one of '
+              f'{", ".join(sorted(models.BACKBONES))}')
   print(f'{jax.devices()[0].device_kind}, {args.rounds} rounds; ms per step')
   ours = conv.cpu_conv
-  for spec in args.models.split(','):
-    model, batch = spec.split(':')
+  for model, batch in specs:
     runs = {}
     for name, fn in (('lax', lax_conv), ('smallfx', ours)):
       conv.cpu_conv = fn  # read when the step is traced, i.e. inside make()

@@ -21,17 +21,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from smallfx import config as base
+from smallfx import models
 from smallfx import train
 
-SHAPES = {'cnn': (28, 28, 1), 'resnet20': (32, 32, 3), 'mlp': (28, 28, 1),
-          'wrn16_8': (32, 32, 3), 'resnet18': (96, 96, 3), 'efficientnet_lite0': (96, 96, 3)}
+
+def image_shape(model):
+  """Fashion-MNIST size for the small nets, CIFAR for CIFAR-style ones, 96 px otherwise."""
+  if model in ('cnn', 'mlp'):
+    return (28, 28, 1)
+  if model.startswith(('resnet18', 'resnet34', 'resnet50', 'efficientnet')):
+    return (96, 96, 3)
+  return (32, 32, 3)
 
 
 def make(model, k, batch, unroll, in_a_row, n=2000):
   c = base.default()
   c.update(dict(model=model, num_seeds=k, batch_size=batch, num_steps=1000,
                 augment='crop(pad=2)|flip'))
-  shape = SHAPES[model]
+  shape = image_shape(model)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
   labels = rng.integers(0, 10, n).astype(np.int32)
@@ -59,7 +66,7 @@ def time_steps(run, steps):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--model', default='cnn', choices=sorted(SHAPES))
+  p.add_argument('--model', default='cnn', choices=sorted(models.BACKBONES))
   p.add_argument('--batch', type=int, default=32)
   p.add_argument('--seeds', default='4,8')
   p.add_argument('--steps', type=int, default=20)
