@@ -11,16 +11,10 @@ import argparse
 
 import jax
 import numpy as np
-from jax import lax
 
 import bench_seed_layout
 from smallfx import models
 from smallfx.models import conv
-
-
-def lax_conv(x, w, strides, padding, precision=None):
-  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=conv.NHWC,
-                                  precision=precision)
 
 
 def main():
@@ -39,7 +33,7 @@ def main():
   ours = conv.cpu_conv
   for model, batch in specs:
     runs = {}
-    for name, fn in (('lax', lax_conv), ('smallfx', ours)):
+    for name, fn in (('lax', conv.lax_conv), ('smallfx', ours)):
       conv.cpu_conv = fn  # read when the step is traced, i.e. inside make()
       runs[name] = bench_seed_layout.make(model, 1, int(batch), True, True)
     conv.cpu_conv = ours

@@ -79,6 +79,12 @@ def _is_plain_2d(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
           and batch_group_count == 1 and preferred_element_type is None)
 
 
+def lax_conv(x, w, strides, padding, precision=None):
+  """The NHWC x HWIO convolution as lax writes it (what the CPU formulation replaces)."""
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC,
+                                  precision=precision)
+
+
 def cpu_conv(x, w, strides, padding, precision=None):
   """NHWC x HWIO convolution in the CPU formulation (any platform, for tests)."""
   strides = tuple(strides)
@@ -94,8 +100,7 @@ def cpu_conv(x, w, strides, padding, precision=None):
     x = x[:, ::strides[0], ::strides[1]][:, :out[0], :out[1]]
     return _stride_1(x, w, ((0, 0), (0, 0)), precision)
   if strides[0] * strides[1] * x.shape[-1] > SPACE_TO_DEPTH_MAX_CHANNELS:
-    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC,
-                                    precision=precision)
+    return lax_conv(x, w, strides, padding, precision)
   return _stride_1(*_space_to_depth(x, w, strides, padding, out), ((0, 0), (0, 0)), precision)
 
 
@@ -103,7 +108,7 @@ def _stride_1(x, w, padding, precision):
   # A 1x1 kernel's gradient is a matrix product, which XLA already gives to a
   # fast library (YNNPACK); as a convolution it would not be.
   if w.shape[:2] == (1, 1) or not w.shape[3] <= w.shape[2] <= SWAPPED_KERNEL_GRAD_MAX_CHANNELS:
-    return _lax_conv(x, w, padding, precision)
+    return lax_conv(x, w, (1, 1), padding, precision)
   return _conv(x, w, padding, precision)
 
 
@@ -130,15 +135,10 @@ def _space_to_depth(x, w, strides, padding, out):
   return x, w.reshape(taps[0], taps[1], strides[0] * strides[1] * c, o)
 
 
-def _lax_conv(x, w, padding, precision):
-  return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC,
-                                  precision=precision)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x, w, padding, precision):
   """Stride-1 NHWC convolution whose kernel gradient takes dy as the input."""
-  return _lax_conv(x, w, padding, precision)
+  return lax_conv(x, w, (1, 1), padding, precision)
 
 
 def _conv_fwd(x, w, padding, precision):
@@ -147,7 +147,7 @@ def _conv_fwd(x, w, padding, precision):
 
 def _conv_bwd(padding, precision, residuals, dy):
   x, w = residuals
-  _, input_grad = jax.vjp(lambda x: _lax_conv(x, w, padding, precision), x)
+  _, input_grad = jax.vjp(lambda x: lax_conv(x, w, (1, 1), padding, precision), x)
   dx, = input_grad(dy)
   return dx, _kernel_grad(x, dy, w.shape[:2], padding, precision)
 
