@@ -12,6 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from smallfx import cli
+from smallfx import malloc
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                           lock_config=True)
@@ -57,4 +58,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  malloc.relaunch()
   cli.run(main)

@@ -25,6 +25,7 @@ import numpy as np
 from smallfx import checkpoint
 from smallfx import cli
 from smallfx import losses
+from smallfx import malloc
 from smallfx import models
 from smallfx.errors import UserError
 
@@ -110,4 +111,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  malloc.relaunch()
   cli.run(main)

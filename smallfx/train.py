@@ -33,6 +33,7 @@ from smallfx import checkpoint
 from smallfx import convert
 from smallfx import data as data_lib
 from smallfx import losses
+from smallfx import malloc
 from smallfx import metrics as metrics_lib
 from smallfx import models
 from smallfx import optim
@@ -479,6 +480,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return results
 
   mesh = make_mesh(config)
+  note = malloc.hint(jax.default_backend())
+  if note and jax.process_index() == 0:
+    print(note, file=sys.stderr)
   dataset = data_lib.load(config)
   num_classes = dataset.num_classes
   setup = build(config, num_classes, len(dataset.train.labels))

@@ -50,3 +50,16 @@ def test_conv_tool_times_both_formulations():
                        check=True, cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
   (line,) = [row for row in out.stdout.splitlines() if row.startswith('resnet20 b2:')]
   assert 'lax ' in line and 'smallfx ' in line and 'lax / smallfx x' in line, out.stdout
+
+
+def test_malloc_tool_times_both_allocators():
+  from smallfx import malloc  # pylint: disable=g-import-not-at-top
+  if sys.platform != 'linux' or not malloc._library():  # pylint: disable=protected-access
+    pytest.skip(f'no tcmalloc on this machine ({malloc.INSTALL}; .ci/run installs it)')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_malloc.py'),
+                        '--models', 'mlp:8', '--rounds', '1', '--seconds', '0.1'],
+                       check=True, cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
+  # The tool checks that each child ran on the allocator it was meant to.
+  (line,) = [row for row in out.stdout.splitlines() if row.startswith('mlp:8:')]
+  assert 'system ' in line and 'tcmalloc ' in line and 'system / tcmalloc x' in line, out.stdout

@@ -358,4 +358,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  from smallfx import malloc  # pylint: disable=g-import-not-at-top
+  malloc.relaunch()  # measure what the command line runs: see smallfx/malloc.py
   main()

@@ -29,6 +29,10 @@ Cases:
 `--ref REF` also times the smallfx of git revision REF (extracted to a temporary
 package) in the same rounds: before/after figures from one run.
 
+Allocator: like `python -m smallfx.main`, the benchmark re-executes itself under
+tcmalloc where the machine has it (smallfx/malloc.py), and PyTorch then shares it;
+SMALLFX_MALLOC=system runs both on glibc's malloc. The header line says which.
+
 Memory: on CPU the peak RSS of the process while each framework runs (VmHWM, reset
 through /proc/self/clear_refs before each; both share the process, so it includes the
 other's resident baseline, and `rss_growth` is the peak minus the RSS just before).
@@ -53,6 +57,7 @@ import time
 import numpy as np
 
 from augment_cost import cpu_model  # tools/ is on the path of a script in it
+from smallfx import malloc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
@@ -659,9 +664,10 @@ def main(argv=None):
                                                    if torch_device == 'cpu' else None),
         'xla_flags': os.environ.get('XLA_FLAGS', ''), 'ref': args.ref or None,
         'quick': args.quick, 'peak_tflops': args.peak_tflops or None,
+        'malloc': 'tcmalloc' if malloc.active() else 'system',
     }
     print(f"{meta['cpu']} ({meta['cores']} cores), {meta['devices'][0]}, jax {meta['jax']}, "
-          f"torch {torch_version}", flush=True)
+          f"torch {torch_version}, malloc {meta['malloc']} (both frameworks)", flush=True)
     results = []
     t0 = time.perf_counter()
     for case in args.cases:
@@ -687,4 +693,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  malloc.relaunch()  # measure what the command line runs: see smallfx/malloc.py
   main()

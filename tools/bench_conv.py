@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 import bench_seed_layout
+from smallfx import malloc
 from smallfx import models
 from smallfx.models import conv
 
@@ -50,4 +51,5 @@ def main():
 
 
 if __name__ == '__main__':
+  malloc.relaunch()  # measure what the command line runs: see smallfx/malloc.py
   main()

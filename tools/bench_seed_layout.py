@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smallfx import config as base
+from smallfx import malloc
 from smallfx import models
 from smallfx import train
 
@@ -91,4 +92,5 @@ def main():
 
 
 if __name__ == '__main__':
+  malloc.relaunch()  # measure what the command line runs: see smallfx/malloc.py
   main()
