@@ -9,9 +9,10 @@ zeroes it: ResNet-20 spent 145 ms of system time per ~400 ms step in 76,000 page
 faults. tcmalloc keeps freed memory for the next step. Train step, 2-core AMD
 EPYC, jax 0.10.2, glibc 2.36 vs tcmalloc 2.10 (`python tools/bench_malloc.py`,
 alternating processes; experiments/bench/README.md, change 6): ResNet-20 b128
-x1.22, ResNet-18 (96 px) x1.11, EfficientNet-Lite0 (96 px) x2.18, WRN-16-8 x1.10,
-SmallCNN b32 and the MLP unchanged. glibc with mmap disabled and one arena removes the faults
-but not the time (lock contention); jemalloc 5.3 still faults.
+x1.22, ResNet-18 (96 px) x1.11, EfficientNet-Lite0 (96 px) x2.18, WRN-16-8
+x1.10, SmallCNN b32 and the MLP unchanged. glibc with mmap disabled and one
+arena removes the faults but not the time (lock contention); jemalloc 5.3 still
+faults.
 
 An allocator is chosen when a process starts (LD_PRELOAD), so `relaunch()`
 re-executes the interpreter with the same command line under tcmalloc, once.
@@ -29,7 +30,8 @@ ENV = 'SMALLFX_MALLOC'
 INSTALL = 'apt-get install libtcmalloc-minimal4'
 
 
-def _library() -> str | None:
+def library() -> str | None:
+  """The installed tcmalloc, as the dynamic loader names it, or None."""
   return ctypes.util.find_library('tcmalloc_minimal') or ctypes.util.find_library('tcmalloc')
 
 
@@ -43,11 +45,11 @@ def relaunch() -> None:
   preload = os.environ.get('LD_PRELOAD', '')
   if sys.platform != 'linux' or os.environ.get(ENV) or 'malloc' in preload:
     return
-  library = _library()
-  if not library:
+  library_name = library()
+  if not library_name:
     return
-  env = dict(os.environ, LD_PRELOAD=f'{library} {preload}'.strip())
-  env[ENV] = 'tcmalloc'  # marks the relaunched process, so it runs on
+  env = dict(os.environ, LD_PRELOAD=f'{library_name} {preload}'.strip())
+  env[ENV] = 'tcmalloc'  # the relaunched process must not relaunch again
   sys.stdout.flush()
   sys.stderr.flush()
   try:

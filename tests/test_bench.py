@@ -54,7 +54,7 @@ def test_conv_tool_times_both_formulations():
 
 def test_malloc_tool_times_both_allocators():
   from smallfx import malloc  # pylint: disable=g-import-not-at-top
-  if sys.platform != 'linux' or not malloc._library():  # pylint: disable=protected-access
+  if sys.platform != 'linux' or not malloc.library():
     pytest.skip(f'no tcmalloc on this machine ({malloc.INSTALL}; .ci/run installs it)')
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_malloc.py'),

@@ -21,7 +21,7 @@ print(json.dumps([malloc.active(), sys.argv[1:], os.environ.get(malloc.ENV)]))
 """
 
 needs_tcmalloc = pytest.mark.skipif(
-    sys.platform != 'linux' or not malloc._library(),  # pylint: disable=protected-access
+    sys.platform != 'linux' or not malloc.library(),
     reason=f'no tcmalloc on this machine ({malloc.INSTALL}; .ci/run installs it)')
 
 

@@ -14,7 +14,6 @@ import numpy as np
 
 import bench_seed_layout
 from smallfx import malloc
-from smallfx import models
 from smallfx.models import conv
 
 
@@ -25,18 +24,14 @@ def main():
   p.add_argument('--steps', type=int, default=0, help='steps per round (0: about 1 s)')
   p.add_argument('--rounds', type=int, default=5)
   args = p.parse_args()
-  specs = [spec.split(':') for spec in args.models.split(',')]
-  for spec in specs:
-    if len(spec) != 2 or spec[0] not in models.BACKBONES or not spec[1].isdigit():
-      p.error(f'--models: {":".join(spec)!r} is not MODEL:BATCH with MODEL one of '
-              f'{", ".join(sorted(models.BACKBONES))}')
+  specs = bench_seed_layout.model_specs(p, args.models)
   print(f'{jax.devices()[0].device_kind}, {args.rounds} rounds; ms per step')
   ours = conv.cpu_conv
   for model, batch in specs:
     runs = {}
     for name, fn in (('lax', conv.lax_conv), ('smallfx', ours)):
       conv.cpu_conv = fn  # read when the step is traced, i.e. inside make()
-      runs[name] = bench_seed_layout.make(model, 1, int(batch), True, True)
+      runs[name] = bench_seed_layout.make(model, 1, batch, True, True)
     conv.cpu_conv = ours
     first = bench_seed_layout.time_steps(runs['lax'], 1)
     steps = args.steps or max(1, int(1.0 / first))

@@ -17,14 +17,13 @@ import sys
 
 import numpy as np
 
+import bench_seed_layout
 from smallfx import malloc
-from smallfx import models
 
 ALLOCATORS = ('system', 'tcmalloc')
 
 
 def child(specs, seconds):
-  import bench_seed_layout  # pylint: disable=g-import-not-at-top
   out = {}
   for model, batch in specs:
     run = bench_seed_layout.make(model, 1, batch, True, True)
@@ -44,15 +43,10 @@ def main():
   p.add_argument('--seconds', type=float, default=3.0, help='timed seconds per model and process')
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args()
-  specs = [spec.split(':') for spec in args.models.split(',')]
-  for spec in specs:
-    if len(spec) != 2 or spec[0] not in models.BACKBONES or not spec[1].isdigit():
-      p.error(f'--models: {":".join(spec)!r} is not MODEL:BATCH with MODEL one of '
-              f'{", ".join(sorted(models.BACKBONES))}')
-  specs = [(model, int(batch)) for model, batch in specs]
+  specs = bench_seed_layout.model_specs(p, args.models)
   if args.child:
     return child(specs, args.seconds)
-  if not malloc._library():  # pylint: disable=protected-access
+  if not malloc.library():
     sys.exit(f'no tcmalloc on this machine: {malloc.INSTALL}')
   runs = {a: [] for a in ALLOCATORS}
   for r in range(args.rounds):

@@ -26,6 +26,16 @@ from smallfx import models
 from smallfx import train
 
 
+def model_specs(parser: argparse.ArgumentParser, text: str) -> list[tuple[str, int]]:
+  """'MODEL:BATCH,...' as [(model, batch)]; a bad entry is a usage error naming it."""
+  specs = [spec.split(':') for spec in text.split(',')]
+  for spec in specs:
+    if len(spec) != 2 or spec[0] not in models.BACKBONES or not spec[1].isdigit():
+      parser.error(f'--models: {":".join(spec)!r} is not MODEL:BATCH with MODEL one of '
+                   f'{", ".join(sorted(models.BACKBONES))}')
+  return [(model, int(batch)) for model, batch in specs]
+
+
 def image_shape(model):
   """Fashion-MNIST size for the small nets, CIFAR for CIFAR-style ones, 96 px otherwise."""
   if model in ('cnn', 'mlp'):
