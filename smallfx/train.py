@@ -554,8 +554,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending, window_start, throughput = [], time.perf_counter(), []
   t0, val = time.perf_counter(), {}
   step = start
+  # XLA:CPU runs every device's share of a step on one shared thread pool. With
+  # several CPU devices and dozens of steps queued, their all-reduces wait on each
+  # other until XLA aborts (a 40 s rendezvous timeout): 2 virtual devices, SmallCNN,
+  # 938 steps, 2 runs out of 2. Waiting for step t-1 before queueing step t+1 keeps
+  # two in flight, which ran 300 steps as fast as fully blocking steps (10.2 vs 10.5
+  # ms) and never stuck.
+  one_ahead = jax.default_backend() == 'cpu' and jax.local_device_count() > 1
   while step < setup.total_steps:
     state, m = train_step(state, images_dev, labels_dev)
+    if one_ahead and pending:
+      jax.block_until_ready(pending[-1])
     pending.append(m)
     step += 1
     bar.update(1)

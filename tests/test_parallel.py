@@ -114,3 +114,15 @@ def test_two_processes_match_one_process(tmp_path):
   assert len(results(multi)['devices']) == 4
   np.testing.assert_allclose(train_losses(multi), train_losses(single), rtol=1e-5)
   assert results(multi)['test_accuracy'] == results(single)['test_accuracy']
+
+
+def test_many_queued_steps_on_two_cpu_devices_finish(tmp_path):
+  """Dozens of steps in flight once made two CPU devices wait on each other's all-reduces
+  until XLA aborted the run (2 runs out of 2); the loop now keeps two in flight."""
+  r = run_cli('smallfx.main', '--config=configs/cosine.py', '--config.model=cnn',
+              '--config.num_steps=600', '--config.log_every_steps=200',
+              '--config.eval_every_steps=0', '--config.checkpoint_every_steps=600',
+              '--config.progress=False', '--config.baseline=none',
+              f'--workdir={tmp_path}', env=devices(2))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert results(tmp_path)['steps'] == 600
