@@ -43,23 +43,26 @@ def test_seed_layout_and_seed_runs_tools_run():
   assert report['together_results']['num_seeds'] == 2
 
 
+def _tool_line(tool, prefix, *args):
+  """Runs tools/TOOL with ARGS on CPU; returns its one stdout line starting with PREFIX."""
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', tool), *args],
+                       check=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                       timeout=600, capture_output=True, text=True)
+  (line,) = [row for row in out.stdout.splitlines() if row.startswith(prefix)]
+  return line
+
+
 def test_conv_tool_times_both_formulations():
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_conv.py'),
-                        '--models', 'resnet20:2', '--steps', '1', '--rounds', '1'],
-                       check=True, cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
-  (line,) = [row for row in out.stdout.splitlines() if row.startswith('resnet20 b2:')]
-  assert 'lax ' in line and 'smallfx ' in line and 'lax / smallfx x' in line, out.stdout
+  line = _tool_line('bench_conv.py', 'resnet20 b2:',
+                    '--models', 'resnet20:2', '--steps', '1', '--rounds', '1')
+  assert 'lax ' in line and 'smallfx ' in line and 'lax / smallfx x' in line, line
 
 
 def test_malloc_tool_times_both_allocators():
   from smallfx import malloc  # pylint: disable=g-import-not-at-top
   if sys.platform != 'linux' or not malloc.library():
     pytest.skip(f'no tcmalloc on this machine ({malloc.INSTALL}; .ci/run installs it)')
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_malloc.py'),
-                        '--models', 'mlp:8', '--rounds', '1', '--seconds', '0.1'],
-                       check=True, cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
   # The tool checks that each child ran on the allocator it was meant to.
-  (line,) = [row for row in out.stdout.splitlines() if row.startswith('mlp:8:')]
-  assert 'system ' in line and 'tcmalloc ' in line and 'system / tcmalloc x' in line, out.stdout
+  line = _tool_line('bench_malloc.py', 'mlp:8:',
+                    '--models', 'mlp:8', '--rounds', '1', '--seconds', '0.1')
+  assert 'system ' in line and 'tcmalloc ' in line and 'system / tcmalloc x' in line, line
