@@ -66,3 +66,27 @@ def test_malloc_tool_times_both_allocators():
   line = _tool_line('bench_malloc.py', 'mlp:8:',
                     '--models', 'mlp:8', '--rounds', '1', '--seconds', '0.1')
   assert 'system ' in line and 'tcmalloc ' in line and 'system / tcmalloc x' in line, line
+
+
+def test_dispatch_tool_times_one_and_several_steps_per_dispatch():
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_dispatch.py'),
+                        '--models', 'mlp:8', '--scan', '3', '--steps', '3', '--rounds', '1'],
+                       check=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                       timeout=600, capture_output=True, text=True)
+  assert 'mlp batch 8:' in out.stdout and 'kernels per step' in out.stdout, out.stdout
+  for n in (1, 3):
+    (line,) = [r for r in out.stdout.splitlines() if f' {n} step(s)/dispatch:' in r]
+    assert 'ms/step' in line and 'GFLOP/s' in line and ' 0.0 GFLOP/s' not in line, line
+
+
+def test_host_flops_counts_what_the_device_counts():
+  # On GPU the benchmark counts FLOPs on the host CPU (no cost analysis from CUDA's
+  # plugin): the count must be the device's own, here both are the CPU.
+  sys.path.insert(0, os.path.join(ROOT, 'tools'))
+  import bench  # pylint: disable=g-import-not-at-top
+  from smallfx import config, train  # pylint: disable=g-import-not-at-top
+  images, labels = bench.data((8, 8, 1), 64)
+  run = bench.SmallfxRun(train, config, 'cnn', (8, 8, 1), 8, 2, images, labels, 'cpu')
+  assert run.flops_per_step > 0
+  counted = bench.host_flops(run.make_step, (run.state, run.images, run.labels))
+  assert counted == pytest.approx(run.flops_per_step, rel=1e-6)

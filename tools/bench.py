@@ -36,9 +36,14 @@ SMALLFX_MALLOC=system runs both on glibc's malloc. The header line says which.
 Memory: on CPU the peak RSS of the process while each framework runs (VmHWM, reset
 through /proc/self/clear_refs before each; both share the process, so it includes the
 other's resident baseline, and `rss_growth` is the peak minus the RSS just before).
-On GPU: jax `memory_stats()['peak_bytes_in_use']` and `torch.cuda.max_memory_allocated`.
-FLOP/s use XLA's cost analysis of the compiled smallfx step (`flops`), for both
-frameworks (same model maths); utilisation is against `--peak-tflops` where given.
+On GPU: for smallfx, XLA's memory analysis of the compiled step (arguments, outputs and
+temporaries, donated buffers counted once: jax's allocator peak cannot be reset between
+cases and includes the compile-time autotuner's scratch), for PyTorch
+`torch.cuda.max_memory_allocated` (reset before each case); no `rss_growth`.
+FLOP/s use XLA's cost analysis of the smallfx step as lowered, before the backend
+compiles it (`flops`; the same model maths for both frameworks): after compilation, the
+GPU's count leaves out convolutions, which become cuDNN calls (ResNet-20: 0.66 of 29.0
+GFLOP per step). Utilisation is against `--peak-tflops` where given.
 """
 
 import argparse
@@ -209,12 +214,17 @@ class SmallfxRun:
       self.state, self.images, self.labels = state, jax.device_put(images), jax.device_put(
           labels)
     self.device = jax.devices(platform_name)[0]
+    lowered = self.step.lower(self.state, self.images, self.labels)
     t = time.perf_counter()
-    compiled = self.step.lower(self.state, self.images, self.labels).compile()
+    compiled = lowered.compile()
     self.compile_seconds = time.perf_counter() - t
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    self.flops_per_step = float((cost or {}).get('flops', 0.0))
+    self.make_step = lambda mesh: train_mod.make_train_step(setup, NUM_CLASSES, mean, std,
+                                                            mesh)
+    self.flops_per_step = flops(lowered) or host_flops(self.make_step,
+                                                       (self.state, self.images, self.labels))
+    mem = compiled.memory_analysis()
+    self.step_bytes = mem and (mem.argument_size_in_bytes + mem.output_size_in_bytes -
+                               mem.alias_size_in_bytes + mem.temp_size_in_bytes)
     self.metrics = None
 
   def run(self, steps):
@@ -233,8 +243,31 @@ class SmallfxRun:
   def peak_memory_mb(self):
     if self.device.platform == 'cpu':
       return peak_rss_mb()
-    stats = self.device.memory_stats() or {}
-    return stats.get('peak_bytes_in_use', 0) / 2**20
+    return (self.step_bytes or 0) / 2**20
+
+
+def flops(lowered) -> float:
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get('flops', 0.0))
+
+
+def host_flops(make_step, args) -> float:
+  """FLOPs of the same step lowered for the host CPU, from abstract arguments.
+
+  CUDA's PJRT plugin gives no cost analysis of a lowered program (no 'flops' from jax 0.11.2
+  on an H200). Lowering is traced on the accelerator's backend, so the program (conv
+  formulation, seed layout) is the accelerator's; only the count runs on the host.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    cpu = jax.devices('cpu')[:1]
+  except RuntimeError:  # JAX_PLATFORMS without cpu
+    return 0.0
+  mesh = jax.make_mesh((1, 1), ('seed', 'data'), (jax.sharding.AxisType.Auto,) * 2,
+                       devices=cpu)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+  return flops(make_step(mesh).lower(*abstract))
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -382,8 +415,12 @@ class TorchRun:
 # --------------------------------------------------------------------------- timing
 
 
-def time_rounds(runners, steps, repeats):
-  """{name: runner}: interleaved rounds -> {name: [seconds per round]}, peak memory."""
+def time_rounds(runners, steps, repeats, rss=True):
+  """{name: runner}: interleaved rounds -> {name: [seconds per round]}, peak memory.
+
+  `rss`: the runners' peaks are the process's resident memory (CPU), so their growth
+  over the RSS before each run means something.
+  """
   times = {n: [] for n in runners}
   peak, growth = {}, {}
   for r in range(repeats):
@@ -397,7 +434,7 @@ def time_rounds(runners, steps, repeats):
       times[name].append(time.perf_counter() - t)
       if first:
         peak[name] = runner.peak_memory_mb()
-        growth[name] = peak[name] - before
+        growth[name] = peak[name] - before if rss else None
   return times, peak, growth
 
 
@@ -460,7 +497,7 @@ def bench_single(case, args, impls, torch_device):
         max(1, steps // 2))
     info['torch_channels_last'] = cl
     runners['torch'] = run
-  times, peak, growth = time_rounds(runners, steps, args.repeats)
+  times, peak, growth = time_rounds(runners, steps, args.repeats, args.platform == 'cpu')
   out = {'case': case, **info, 'results': {}}
   for name, run in runners.items():
     s = summarise(times[name], steps * batch)
@@ -538,7 +575,7 @@ def bench_seeds(args, impls, torch_device):
           TorchRun(model, shape, batch, images, labels, torch_device, torch_cl, seed=s)
           for s in range(k)])
       warm(runners['torch'])
-    times, peak, growth = time_rounds(runners, steps, args.repeats)
+    times, peak, growth = time_rounds(runners, steps, args.repeats, args.platform == 'cpu')
     res = {}
     for name, run in runners.items():
       tt = sorted(times[name])
@@ -627,7 +664,8 @@ def fmt_augment(r) -> str:
 
 def main(argv=None):
   args = parse_args(argv)
-  os.environ.setdefault('JAX_PLATFORMS', 'cuda' if args.platform == 'gpu' else 'cpu')
+  # On GPU the host CPU backend too: it counts the FLOPs (host_flops).
+  os.environ.setdefault('JAX_PLATFORMS', 'cuda,cpu' if args.platform == 'gpu' else 'cpu')
   sys.path.insert(0, ROOT)
   import jax  # pylint: disable=g-import-not-at-top
   from smallfx import config as config_mod  # pylint: disable=g-import-not-at-top
@@ -649,6 +687,10 @@ def main(argv=None):
             raise SystemExit('--platform gpu: torch sees no CUDA device')
           torch_device = 'cuda'
           torch.backends.cudnn.benchmark = True
+          # Same arithmetic on both sides: jax's default precision lets XLA use TF32 for
+          # float32 convolutions and matmuls; torch does for cuDNN convolutions by
+          # default, and for matmuls only when asked.
+          torch.set_float32_matmul_precision('high')
         else:
           torch_device = 'cpu'
           torch.set_num_threads(args.threads or cores())
@@ -659,14 +701,16 @@ def main(argv=None):
         'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
         'command': ' '.join(['python', 'tools/bench.py', *(argv or sys.argv[1:])]),
         'platform': args.platform, 'cpu': cpu_model(), 'cores': cores(),
-        'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__,
+        'devices': [str(d) for d in jax.devices()],
+        'device_kind': jax.devices()[0].device_kind, 'jax': jax.__version__,
         'torch': torch_version, 'torch_threads': (torch.get_num_threads()
                                                    if torch_device == 'cpu' else None),
         'xla_flags': os.environ.get('XLA_FLAGS', ''), 'ref': args.ref or None,
         'quick': args.quick, 'peak_tflops': args.peak_tflops or None,
         'malloc': 'tcmalloc' if malloc.active() else 'system',
     }
-    print(f"{meta['cpu']} ({meta['cores']} cores), {meta['devices'][0]}, jax {meta['jax']}, "
+    print(f"{meta['cpu']} ({meta['cores']} cores), {meta['devices'][0]} "
+          f"({meta['device_kind']}), jax {meta['jax']}, "
           f"torch {torch_version}, malloc {meta['malloc']} (both frameworks)", flush=True)
     results = []
     t0 = time.perf_counter()

@@ -62,11 +62,13 @@ def make(model, k, batch, unroll, in_a_row, n=2000):
   x, y = jnp.asarray(images), jnp.asarray(labels)
   state, m = step(state, x, y)  # compile
   jax.block_until_ready(m)
-  return [step, state, x, y]
+  make_step = lambda mesh: train.make_train_step(setup, 10, 0.5, 0.25, mesh, unroll=unroll,
+                                                 in_a_row=in_a_row)
+  return [step, state, x, y, make_step]
 
 
 def time_steps(run, steps):
-  step, state, x, y = run
+  step, state, x, y = run[:4]
   t = time.perf_counter()
   for _ in range(steps):
     state, m = step(state, x, y)

@@ -1,0 +1,115 @@
+"""Where a train step's time goes: the host's dispatch, or the device's work.
+
+    python tools/bench_dispatch.py [--models resnet20:128,cnn:32] [--scan 1,20]
+
+Times smallfx's real train step (`smallfx.train.make_train_step`, one seed, synthetic
+data on the device) dispatched once per step, and N steps per dispatch (the same
+step under `jax.lax.scan` in one jitted program), interleaved in rounds. For each:
+
+  ms/step    wall time per training step (median [min-max] over rounds)
+  host ms    time the Python loop spends issuing one dispatch, per step: when it
+             equals ms/step, the host is the bottleneck and the device waits
+  GFLOP/s    XLA's cost analysis of one step (as lowered: see tools/bench.py) over
+             its measured time
+
+and, for the single step, the kernels XLA launches per step (instructions of the
+compiled entry computation that run on the device: fusions, library calls, copies).
+A step that runs at the same speed at 4x the batch is bound by latency (launches,
+dispatch), not by arithmetic.
+"""
+import argparse
+import re
+import time
+
+import jax
+import numpy as np
+
+from bench import flops, host_flops  # tools/ is on the path of a script in it
+from bench_seed_layout import make, model_specs
+from smallfx import malloc
+from smallfx import train
+
+# Entry-computation instructions that are bookkeeping, not a kernel launch.
+_NOT_KERNELS = ('parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast',
+                'after-all', 'opt-barrier')
+
+
+def kernels_per_step(compiled) -> int:
+  entry = compiled.as_text().split('\nENTRY ', 1)[-1].split('\n}', 1)[0]
+  ops = re.findall(r'= \S+ ([a-z-]+)\(', entry)
+  return sum(op not in _NOT_KERNELS for op in ops)
+
+
+def scanned(step, n):
+  """n train steps in one program: the train step's function under a scan."""
+  one = step.__wrapped__  # the traced function; the scan is jitted with the same options
+
+  def steps(state, x, y):
+    return jax.lax.scan(lambda s, _: one(s, x, y), state, length=n)
+
+  mesh = jax.make_mesh((1, 1), ('seed', 'data'), (jax.sharding.AxisType.Auto,) * 2)
+  return jax.jit(steps, donate_argnums=0, compiler_options=train.compiler_options(mesh))
+
+
+class Run:
+
+  def __init__(self, model, batch, n):
+    step, state, x, y, make_step = make(model, 1, batch, None, True)
+    self.n = n
+    self.fn = step if n == 1 else scanned(step, n)
+    lowered = self.fn.lower(state, x, y)
+    compiled = lowered.compile()
+    if n == 1:  # (the cost analysis of a scan counts its body once)
+      self.flops = flops(lowered) or host_flops(make_step, (state, x, y))
+      self.kernels = kernels_per_step(compiled)
+    self.args = [state, x, y]
+    self.time(2 * n)  # warm-up: the first executions allocate and autotune
+
+  def time(self, steps):
+    """(wall seconds per step, host seconds per step to issue the dispatches)."""
+    state, x, y = self.args
+    t = time.perf_counter()
+    for _ in range(max(1, steps // self.n)):
+      state, m = self.fn(state, x, y)
+    issued = time.perf_counter() - t
+    jax.block_until_ready((state, m))
+    wall = time.perf_counter() - t
+    self.args[0] = state
+    calls = max(1, steps // self.n)
+    return wall / (calls * self.n), issued / (calls * self.n)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--models', default='resnet20:128,cnn:32', help='MODEL:BATCH,...')
+  p.add_argument('--scan', default='1,20', help='steps per dispatch to compare')
+  p.add_argument('--steps', type=int, default=40, help='steps per round')
+  p.add_argument('--rounds', type=int, default=5)
+  args = p.parse_args()
+  specs = model_specs(p, args.models)
+  scans = sorted({1, *(int(n) for n in args.scan.split(','))})  # 1: the baseline
+  print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, '
+        f'{args.rounds} rounds x {args.steps} steps', flush=True)
+  for model, batch in specs:
+    runs = {n: Run(model, batch, n) for n in scans}
+    wall = {n: [] for n in scans}
+    host = {n: [] for n in scans}
+    for _ in range(args.rounds):
+      for n, run in runs.items():
+        w, h = run.time(args.steps)
+        wall[n].append(w)
+        host[n].append(h)
+    base, flops = np.median(wall[1]), runs[1].flops
+    print(f'{model} batch {batch}: {runs[1].kernels} kernels per step, '
+          f'{flops / 1e9:.2f} GFLOP per step')
+    for n in scans:
+      w = np.array(wall[n]) * 1e3
+      print(f'  {n:3d} step(s)/dispatch: {np.median(w):8.3f} ms/step [{w.min():.3f}-{w.max():.3f}]'
+            f'  host {np.median(host[n]) * 1e3:7.3f} ms  '
+            f'{flops / np.median(wall[n]) / 1e9:8.1f} GFLOP/s  '
+            f'x{base / np.median(wall[n]):.2f}', flush=True)
+
+
+if __name__ == '__main__':
+  malloc.relaunch()  # measure what the command line runs: see smallfx/malloc.py
+  main()
