@@ -102,10 +102,16 @@ def test_evaluate_pads_last_batch_and_counts_every_image():
   assert chunked['ensemble_accuracy'] == full['ensemble_accuracy']
 
 
-def test_main_writes_outputs_and_reports_again(tmp_path):
+def test_main_writes_outputs_and_reports_again(tmp_path, monkeypatch):
   workdir = str(tmp_path / 'run')
-  r = run_cli('smallfx.main', '--config=configs/cosine.py', f'--workdir={workdir}', *QUICK)
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+  cache = {'XDG_CACHE_HOME': str(tmp_path / 'cache')}
+  r = run_cli('smallfx.main', '--config=configs/cosine.py', f'--workdir={workdir}', *QUICK,
+              env=cache)
   assert r.returncode == 0, r.stderr
+  # The train step is kept for the next run with the same shapes.
+  kept = os.listdir(tmp_path / 'cache' / 'smallfx' / 'jax')
+  assert any(name.startswith('jit_step') for name in kept), kept
   assert 'test accuracy' in r.stdout and 'random_forest' in r.stdout
   for name in ('config.json', 'metrics.jsonl', 'results.json', 'model.json', 'checkpoints'):
     assert os.path.exists(os.path.join(workdir, name)), name
