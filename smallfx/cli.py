@@ -49,10 +49,12 @@ def enable_compilation_cache() -> None:
   """Keeps compiled programs on disk: a later run with the same shapes skips compiling.
 
   Runs of one study share their programs (re-runs, resumes, seeds, configs that change
-  only numbers). The default job again, in a new workdir: 30.2 -> 22.9 s on a 2-core
-  CPU, same results; on GPU, compiling includes cuDNN autotuning (ResNet-20's step: 8-9 s
-  on an H200). jax keys each entry by program, backend, versions and flags; the oldest
-  go beyond 2 GiB.
+  only numbers). The default job again, in a new workdir: 30.2 -> 22.9 s for the whole
+  process on a 2-core CPU, same results (experiments/bench/compile_cache.log); on GPU,
+  compiling includes cuDNN autotuning (ResNet-20's step: 8-9 s on an H200). jax keys each
+  entry by program, backend, versions and flags, and deletes the least recently used
+  beyond 2 GiB. jax decides at the first compilation whether to use a cache, so this runs
+  before anything is compiled.
   """
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_compilation_cache_dir', compilation_cache_dir() or None)

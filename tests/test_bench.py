@@ -79,14 +79,20 @@ def test_dispatch_tool_times_one_and_several_steps_per_dispatch():
     assert 'ms/step' in line and 'GFLOP/s' in line and ' 0.0 GFLOP/s' not in line, line
 
 
-def test_host_flops_counts_what_the_device_counts():
-  # On GPU the benchmark counts FLOPs on the host CPU (no cost analysis from CUDA's
-  # plugin): the count must be the device's own, here both are the CPU.
+def test_host_flops_counts_the_step_the_device_counts():
+  # On GPU the benchmark counts FLOPs on the host CPU (CUDA's plugin gives no cost
+  # analysis): the host count must equal the device's own where both exist (CPU here),
+  # and cover the step's matrix products.
   sys.path.insert(0, os.path.join(ROOT, 'tools'))
   import bench  # pylint: disable=g-import-not-at-top
   from smallfx import config, train  # pylint: disable=g-import-not-at-top
   images, labels = bench.data((8, 8, 1), 64)
-  run = bench.SmallfxRun(train, config, 'cnn', (8, 8, 1), 8, 2, images, labels, 'cpu')
-  assert run.flops_per_step > 0
+  seeds, batch = 2, 8
+  run = bench.SmallfxRun(train, config, 'mlp', (8, 8, 1), batch, seeds, images, labels, 'cpu')
   counted = bench.host_flops(run.make_step, (run.state, run.images, run.labels))
   assert counted == pytest.approx(run.flops_per_step, rel=1e-6)
+  # By hand: the MLP's 64-256-256 layers and the 10-class head, forward and both
+  # gradients (none for the input), per seed; the rest of the step is elementwise.
+  layers = [(64, 256), (256, 256), (256, 10)]
+  matmuls = seeds * (3 * sum(2 * batch * i * o for i, o in layers) - 2 * batch * 64 * 256)
+  assert matmuls <= counted <= 1.5 * matmuls, (counted, matmuls)

@@ -17,6 +17,8 @@ from smallfx import convert
 from smallfx import models
 from smallfx.errors import UserError
 
+from conftest import run_cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, 'tools', 'convert_torch.py')
 
@@ -254,9 +256,8 @@ def test_tool_converts_efficientnet_lite0(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   photo = str(tmp_path / 'chelsea.png')
   Image.fromarray(data.chelsea()).save(photo)
-  result = subprocess.run([sys.executable, '-m', 'smallfx.predict', f'--workdir={workdir}',
-                           '--top_k', '3', photo], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, check=False)
+  result = run_cli('smallfx.predict', f'--workdir={workdir}', '--top_k', '3', photo,
+                   timeout=300)
   assert result.returncode == 0, result.stderr
   line = json.loads(result.stdout)
   assert line['image'] == photo and len(line['top_k']) == 3

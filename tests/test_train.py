@@ -15,6 +15,7 @@ import pytest
 
 from smallfx import checkpoint
 from smallfx import config as base
+from smallfx import cli
 from smallfx import data as data_lib
 from smallfx import metrics
 from smallfx import train
@@ -102,10 +103,11 @@ def test_evaluate_pads_last_batch_and_counts_every_image():
   assert chunked['ensemble_accuracy'] == full['ensemble_accuracy']
 
 
-def test_main_writes_outputs_and_reports_again(tmp_path, monkeypatch):
+def test_main_writes_outputs_and_reports_again(tmp_path):
   workdir = str(tmp_path / 'run')
-  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
-  cache = {'XDG_CACHE_HOME': str(tmp_path / 'cache')}
+  # The default cache folder, and every program kept however fast it compiled.
+  cache = {'XDG_CACHE_HOME': str(tmp_path / 'cache'), 'JAX_COMPILATION_CACHE_DIR': None,
+           'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
   r = run_cli('smallfx.main', '--config=configs/cosine.py', f'--workdir={workdir}', *QUICK,
               env=cache)
   assert r.returncode == 0, r.stderr
@@ -201,6 +203,19 @@ def test_changed_config_refuses_to_resume(tmp_path):
   r = run_cli('smallfx.main', '--config=configs/cosine.py', f'--workdir={tmp_path}', *QUICK,
               '--config.num_steps=20', '--config.learning_rate=0.05')
   assert r.returncode == 2 and 'learning_rate' in r.stderr
+
+
+def test_compilation_cache_folder_and_switch(monkeypatch):
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+  monkeypatch.setenv('XDG_CACHE_HOME', '/somewhere')
+  assert cli.compilation_cache_dir() == '/somewhere/smallfx/jax'
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '')  # empty: off
+  saved = jax.config.jax_compilation_cache_dir
+  try:
+    cli.enable_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir is None
+  finally:
+    jax.config.update('jax_compilation_cache_dir', saved)
 
 
 def test_cpu_compiler_options_are_probed():

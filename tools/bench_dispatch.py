@@ -7,13 +7,15 @@ data on the device) dispatched once per step, and N steps per dispatch (the same
 step under `jax.lax.scan` in one jitted program), interleaved in rounds. For each:
 
   ms/step    wall time per training step (median [min-max] over rounds)
-  host ms    time the Python loop spends issuing one dispatch, per step: when it
-             equals ms/step, the host is the bottleneck and the device waits
+  host ms    time the Python loop spends issuing the dispatches, per step: when it
+             equals ms/step, no dispatch returned before its work was (nearly) done,
+             so Python never ran ahead of the device
   GFLOP/s    XLA's cost analysis of one step (as lowered: see tools/bench.py) over
              its measured time
 
 and, for the single step, the kernels XLA launches per step (instructions of the
-compiled entry computation that run on the device: fusions, library calls, copies).
+compiled entry computation that run on the device: fusions, library calls, copies;
+loops and conditionals count once).
 A step that runs at the same speed at 4x the batch is bound by latency (launches,
 dispatch), not by arithmetic.
 """
@@ -36,7 +38,8 @@ _NOT_KERNELS = ('parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast'
 
 def kernels_per_step(compiled) -> int:
   entry = compiled.as_text().split('\nENTRY ', 1)[-1].split('\n}', 1)[0]
-  ops = re.findall(r'= \S+ ([a-z-]+)\(', entry)
+  # `%name = SHAPE op(...)`, SHAPE a tuple `(f32[..], ...)` for multi-output instructions.
+  ops = re.findall(r'= (?:\(.*?\)|\S+) ([a-z-]+)\(', entry)
   return sum(op not in _NOT_KERNELS for op in ops)
 
 
