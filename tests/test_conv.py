@@ -11,7 +11,8 @@ from jax import lax
 from smallfx.models import conv
 
 # (batch, size, C_in, C_out, kernel, stride, padding): every branch of `cpu_conv`
-# (stride 1; 1x1 strided; space-to-depth; lax's where a rewrite does not pay),
+# (stride 1; one input channel; 1x1 strided; space-to-depth; lax's where a
+# rewrite does not pay),
 # with SAME, VALID, uneven and over-wide padding, odd sizes, kernels > stride.
 CASES = [
     (2, 8, 4, 3, 3, 1, 'SAME'),
@@ -28,6 +29,10 @@ CASES = [
     (2, 8, 32, 5, 3, 2, 'SAME'),  # 4 * 32 channels: lax's strided convolution
     (2, 6, 5, 3, 5, 1, 'SAME'),
     (1, 6, 40, 3, 3, 1, 'SAME'),  # 40 channels: lax's kernel gradient
+    (2, 8, 1, 5, 3, 1, 'SAME'),  # one input channel: shifted products
+    (2, 9, 1, 4, 2, 1, ((1, 0), (0, 2))),
+    (1, 7, 1, 3, 3, 1, 'VALID'),
+    (1, 9, 1, 3, 5, 1, 'SAME'),  # 25 taps: back to the convolution
 ]
 
 
@@ -51,17 +56,19 @@ def test_cpu_conv_equals_lax_with_gradients(n, size, cin, cout, k, stride, paddi
   chex.assert_trees_all_close(vjp(dy), vjp_ref(dy), atol=1e-4, rtol=1e-4)
 
 
-def test_gradients_under_vmap_as_seeds_use_them():
-  x = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, 4))
-  w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 6))
+@pytest.mark.parametrize('cin,stride', [(4, 2), (1, 1)])
+def test_gradients_under_vmap_as_seeds_use_them(cin, stride):
+  x = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, cin))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 3, cin, 6))
 
   def grads(conv_fn):
     def loss(w, x):
       return jnp.sum(jnp.tanh(conv_fn(x, w)))
     return jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(w, x)
 
-  ours = grads(lambda x, w: conv.cpu_conv(x, w, (2, 2), 'SAME', lax.Precision.HIGHEST))
-  ref = grads(lambda x, w: _reference(x, w, 2, 'SAME'))
+  ours = grads(lambda x, w: conv.cpu_conv(x, w, (stride, stride), 'SAME',
+                                          lax.Precision.HIGHEST))
+  ref = grads(lambda x, w: _reference(x, w, stride, 'SAME'))
   chex.assert_trees_all_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -90,3 +97,17 @@ def test_kernel_gradient_stays_in_the_canonical_formulation():
   assert len(convolutions) == 2, convolutions  # forward, kernel gradient
   for line in convolutions:
     assert 'dim_labels=b01f_01io->b01f' in line and 'rhs_reversal' not in line, line
+
+
+def test_single_channel_layer_runs_without_convolutions():
+  """A grey image's first layer: shifted products forward, a matrix product for dW.
+
+  Its padded input stays a dynamic-update-slice (one materialised buffer): as a pad,
+  XLA recomputed the input's producer (the augmentation) in every tap.
+  """
+  w = jnp.ones((3, 3, 1, 8))
+  grad = jax.jit(jax.grad(
+      lambda w, x: jnp.sum(conv.cpu_conv(jnp.sin(x), w, (1, 1), 'SAME') ** 2)))
+  hlo = grad.lower(w, jnp.ones((4, 12, 12, 1))).compile().as_text()
+  assert ' convolution(' not in hlo and ' dot(' in hlo
+  assert 'dynamic-update-slice(' in hlo and ' pad(' not in hlo

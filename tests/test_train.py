@@ -134,6 +134,18 @@ def test_main_writes_outputs_and_reports_again(tmp_path):
   assert jax.tree.leaves(variables['params'])[0].shape[0] == 1
 
 
+def test_metrics_writer_leaves_torch_unimported(tmp_path):
+  """Importing torch for tensorboardX cost every run over a second; torch still imports later."""
+  code = ('import sys; from smallfx import metrics; w = metrics.Writer(sys.argv[1]); '
+          'w.write(3, {"train/loss": 0.5}); w.close(); '
+          'assert "torch" not in sys.modules, "torch was imported"; import torch')
+  r = subprocess.run([sys.executable, '-c', code, str(tmp_path)], cwd=REPO,
+                     capture_output=True, text=True, check=False)
+  assert r.returncode == 0, r.stderr
+  assert metrics.read(str(tmp_path)) == [{'step': 3, 'train/loss': 0.5}]
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
   args = ['--config=configs/cosine.py', *QUICK, '--config.num_steps=400',
           '--config.checkpoint_every_steps=50']

@@ -23,15 +23,17 @@ def main():
                  'efficientnet_lite0:32', help='MODEL:BATCH,... (image sizes: bench_seed_layout.image_shape)')
   p.add_argument('--steps', type=int, default=0, help='steps per round (0: about 1 s)')
   p.add_argument('--rounds', type=int, default=5)
+  p.add_argument('--augment', default='crop(pad=2)|flip', help='the steps\' augmentation')
   args = p.parse_args()
   specs = bench_seed_layout.model_specs(p, args.models)
-  print(f'{jax.devices()[0].device_kind}, {args.rounds} rounds; ms per step')
+  print(f'{jax.devices()[0].device_kind}, {args.rounds} rounds, augment {args.augment!r}; '
+        'ms per step')
   ours = conv.cpu_conv
   for model, batch in specs:
     runs = {}
     for name, fn in (('lax', conv.lax_conv), ('smallfx', ours)):
       conv.cpu_conv = fn  # read when the step is traced, i.e. inside make()
-      runs[name] = bench_seed_layout.make(model, 1, batch, True, True)
+      runs[name] = bench_seed_layout.make(model, 1, batch, True, True, augment=args.augment)
     conv.cpu_conv = ours
     first = bench_seed_layout.time_steps(runs['lax'], 1)
     steps = args.steps or max(1, int(1.0 / first))

@@ -45,10 +45,9 @@ def image_shape(model):
   return (32, 32, 3)
 
 
-def make(model, k, batch, unroll, in_a_row, n=2000):
+def make(model, k, batch, unroll, in_a_row, n=2000, augment='crop(pad=2)|flip'):
   c = base.default()
-  c.update(dict(model=model, num_seeds=k, batch_size=batch, num_steps=1000,
-                augment='crop(pad=2)|flip'))
+  c.update(dict(model=model, num_seeds=k, batch_size=batch, num_steps=1000, augment=augment))
   shape = image_shape(model)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)

@@ -2,8 +2,9 @@
 
 The same maths as `nn.Conv` (same parameters and names, equal values and
 gradients to float rounding); only the formulation XLA receives differs, and only
-on CPU. ResNet-20's train step (batch 128, 2-core EPYC) is 1.35x faster with it
-(experiments/bench/README.md, "Convolution gradients"). Two things are slow there:
+on CPU. ResNet-20's train step (batch 128, 2-core EPYC) is 1.35x faster with it,
+SmallCNN's 1.15x (experiments/bench/README.md, "Convolution gradients"). Three
+things are slow there:
 
 1. The kernel gradient. JAX writes it as a convolution whose *input* is the
    layer's input x with the batch as feature dimension; XLA:CPU's kernels want
@@ -26,6 +27,11 @@ on CPU. ResNet-20's train step (batch 128, 2-core EPYC) is 1.35x faster with it
    measured per layer (fwd+bwd, batch 128): 16->32 channels 20.5 -> 19.2 ms,
    32->64 10.6 -> 12.8 ms, 128->256 (batch 32) 121 -> 163 ms. Hence the limit
    `SPACE_TO_DEPTH_MAX_CHANNELS` on s*s*C.
+
+3. One input channel (grey images' first layer). Eigen's kernels vectorise over
+   input channels: on one core, SmallCNN's first layer (1->32) ran at ~10 GFLOP/s
+   against ~90 for its second. It is computed as nine shifted products instead
+   (`_shifted_products`).
 
 GPUs (cuDNN) handle all of these natively, so elsewhere this is `lax`'s own.
 Grouped (depthwise) and dilated convolutions always go to `lax` unchanged.
@@ -53,6 +59,12 @@ NHWC = ('NHWC', 'HWIO', 'NHWC')
 # x0.94; only 1x1 ones, 448 ms.
 SWAPPED_KERNEL_GRAD_MAX_CHANNELS = 32
 SPACE_TO_DEPTH_MAX_CHANNELS = 64
+# One input channel (a grey image's first layer) as shifted products, up to 3x3
+# (`tools/bench_conv.py --models cnn:32 --rounds 11 [--augment ...]`): SmallCNN
+# x1.15 with crop|flip and x1.33 with crop|flip|trivial (TrivialAugment is no
+# longer recomputed: `_padded`); ResNet-20 b32 on 28x28x1 x0.97-1.02 and on 8x8x1
+# x1.04, i.e. noise. Three channels in the same form cost ResNet-20 (32x32x3) x0.94-0.98.
+SHIFTED_PRODUCTS_MAX_TAPS = 9
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -105,6 +117,8 @@ def cpu_conv(x, w, strides, padding, precision=None):
 
 
 def _stride_1(x, w, padding, precision):
+  if x.shape[-1] == 1 and 1 < w.shape[0] * w.shape[1] <= SHIFTED_PRODUCTS_MAX_TAPS:
+    return _shifted_products(x, w, padding, precision)
   # A 1x1 kernel's gradient is a matrix product, which XLA already gives to a
   # fast library (YNNPACK); as a convolution it would not be.
   if w.shape[:2] == (1, 1) or not w.shape[3] <= w.shape[2] <= SWAPPED_KERNEL_GRAD_MAX_CHANNELS:
@@ -168,6 +182,63 @@ def _kernel_grad(x, dy, kernel, padding, precision):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _padded(x, w, padding):
+  """x (N, H, W, 1) zero-padded to (N, H', W') in a buffer of its own, as float32.
+
+  Written into zeros by a dynamic_update_slice at runtime offsets (zero plus the
+  padding, taken from w so that XLA cannot fold it into a pad): a buffer XLA must
+  materialise. As a plain pad, XLA fused x's producer into every tap of every
+  consumer instead; with TrivialAugment that recomputed the whole augmentation nine
+  times per pixel (SmallCNN step x0.89 where this is x1.04).
+  """
+  x = x[..., 0].astype(jnp.float32)
+  zero = (0 * w.reshape(-1)[0]).astype(jnp.int32)
+  shape = (x.shape[0], *[x.shape[1 + d] + sum(padding[d]) for d in range(2)])
+  return lax.dynamic_update_slice(jnp.zeros(shape, jnp.float32), x,
+                                  (zero, zero + padding[0][0], zero + padding[1][0]))
+
+
+def _taps(padded, kernel):
+  """The (N, H_out, W_out) slices of the padded input that each tap of the kernel reads."""
+  out = [padded.shape[1 + d] - kernel[d] + 1 for d in range(2)]
+  return [padded[:, i:i + out[0], j:j + out[1]]
+          for i in range(kernel[0]) for j in range(kernel[1])]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_products(x, w, padding, precision):
+  """A stride-1 convolution of one input channel: sum over taps of x's shift times a row of w.
+
+  XLA:CPU's convolution kernels vectorise over input channels; with one, SmallCNN's
+  first layer (b32, 28 px, 32 outputs) took 1.4 ms of a 12.7 ms single-core step for
+  2% of its FLOPs. As shifted products it is one loop fused with the bias and ReLU
+  that follow, and its kernel gradient one matrix product (taps x pixels) @ dy.
+  """
+  return _shifted_products_fwd(x, w, padding, precision)[0]
+
+
+def _shifted_products_fwd(x, w, padding, precision):
+  del precision  # elementwise products, accumulated in float32
+  padded = _padded(x, w, padding)
+  rows = w.reshape(-1, w.shape[-1]).astype(jnp.float32)
+  y = sum(t[..., None] * rows[i] for i, t in enumerate(_taps(padded, w.shape[:2])))
+  return y.astype(jnp.result_type(x, w)), (x, w, padded)
+
+
+def _shifted_products_bwd(padding, precision, residuals, dy):
+  x, w, padded = residuals
+  # Taps stacked in front: (T, N, H, W) contracts with dy (N, H, W, O) with no transpose.
+  taps = jnp.stack(_taps(padded, w.shape[:2])).astype(dy.dtype)
+  dw = lax.dot_general(taps, dy, (((1, 2, 3), (0, 1, 2)), ((), ())), precision=precision)
+  # The input gradient (unused, hence removed by XLA, for a first layer).
+  _, input_grad = jax.vjp(lambda x: lax_conv(x, w, (1, 1), padding, precision), x)
+  dx, = input_grad(dy)
+  return dx, dw.reshape(w.shape).astype(w.dtype)
+
+
+_shifted_products.defvjp(_shifted_products_fwd, _shifted_products_bwd)
 
 
 class Conv(nn.Conv):
