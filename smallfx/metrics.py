@@ -55,7 +55,7 @@ def _summary_writer_class():
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   finally:
-    if hide:
+    if hide and sys.modules.get('torch', 0) is None:
       del sys.modules['torch']
   return SummaryWriter
 

@@ -11,9 +11,9 @@ from jax import lax
 from smallfx.models import conv
 
 # (batch, size, C_in, C_out, kernel, stride, padding): every branch of `cpu_conv`
-# (stride 1; one input channel; 1x1 strided; space-to-depth; lax's where a
-# rewrite does not pay),
-# with SAME, VALID, uneven and over-wide padding, odd sizes, kernels > stride.
+# (stride 1; one input channel; 1x1 strided; space-to-depth; lax's where a rewrite
+# does not pay), with SAME, VALID, uneven, negative and over-wide padding, odd
+# sizes, kernels > stride.
 CASES = [
     (2, 8, 4, 3, 3, 1, 'SAME'),
     (2, 9, 5, 5, 3, 1, 'VALID'),
@@ -33,6 +33,7 @@ CASES = [
     (2, 9, 1, 4, 2, 1, ((1, 0), (0, 2))),
     (1, 7, 1, 3, 3, 1, 'VALID'),
     (1, 9, 1, 3, 5, 1, 'SAME'),  # 25 taps: back to the convolution
+    (1, 8, 1, 3, 3, 1, ((1, -1), (2, 0))),  # a negative pad crops: lax's
 ]
 
 

@@ -1,5 +1,6 @@
 """The training path: the jitted step, seeds, outputs, resume and user errors."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -134,6 +135,7 @@ def test_main_writes_outputs_and_reports_again(tmp_path):
   assert jax.tree.leaves(variables['params'])[0].shape[0] == 1
 
 
+@pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='needs torch')
 def test_metrics_writer_leaves_torch_unimported(tmp_path):
   """Importing torch for tensorboardX cost every run over a second; torch still imports later."""
   code = ('import sys; from smallfx import metrics; w = metrics.Writer(sys.argv[1]); '

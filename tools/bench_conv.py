@@ -23,7 +23,8 @@ def main():
                  'efficientnet_lite0:32', help='MODEL:BATCH,... (image sizes: bench_seed_layout.image_shape)')
   p.add_argument('--steps', type=int, default=0, help='steps per round (0: about 1 s)')
   p.add_argument('--rounds', type=int, default=5)
-  p.add_argument('--augment', default='crop(pad=2)|flip', help='the steps\' augmentation')
+  p.add_argument('--augment', default=bench_seed_layout.AUGMENT,
+                 help="the steps' augmentation")
   args = p.parse_args()
   specs = bench_seed_layout.model_specs(p, args.models)
   print(f'{jax.devices()[0].device_kind}, {args.rounds} rounds, augment {args.augment!r}; '

@@ -45,7 +45,10 @@ def image_shape(model):
   return (32, 32, 3)
 
 
-def make(model, k, batch, unroll, in_a_row, n=2000, augment='crop(pad=2)|flip'):
+AUGMENT = 'crop(pad=2)|flip'  # the steps' augmentation unless a tool asks for another
+
+
+def make(model, k, batch, unroll, in_a_row, n=2000, augment=AUGMENT):
   c = base.default()
   c.update(dict(model=model, num_seeds=k, batch_size=batch, num_steps=1000, augment=augment))
   shape = image_shape(model)

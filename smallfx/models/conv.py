@@ -30,8 +30,8 @@ things are slow there:
 
 3. One input channel (grey images' first layer). Eigen's kernels vectorise over
    input channels: on one core, SmallCNN's first layer (1->32) ran at ~10 GFLOP/s
-   against ~90 for its second. It is computed as nine shifted products instead
-   (`_one_channel`).
+   against ~90 for its second. In training it is computed as one shifted product
+   per tap instead (`_one_channel`).
 
 GPUs (cuDNN) handle all of these natively, so elsewhere this is `lax`'s own.
 Grouped (depthwise) and dilated convolutions always go to `lax` unchanged.
@@ -117,7 +117,8 @@ def cpu_conv(x, w, strides, padding, precision=None):
 
 
 def _stride_1(x, w, padding, precision):
-  if x.shape[-1] == 1 and 1 < w.shape[0] * w.shape[1] <= SHIFTED_PRODUCTS_MAX_TAPS:
+  if (x.shape[-1] == 1 and 1 < w.shape[0] * w.shape[1] <= SHIFTED_PRODUCTS_MAX_TAPS
+      and min(min(p) for p in padding) >= 0):  # a negative pad (a crop) stays lax's
     return _one_channel(x, w, padding, precision)
   # A 1x1 kernel's gradient is a matrix product, which XLA already gives to a
   # fast library (YNNPACK); as a convolution it would not be.
@@ -192,9 +193,12 @@ def _padded(x, w, padding):
   materialise. As a plain pad, XLA fused x's producer into every tap of every
   consumer instead: with TrivialAugment, which it then recomputed per tap and output
   channel, SmallCNN's step was x0.89 of lax's convolution's; with this buffer, x1.33.
+  (Under jax.vmap, i.e. seeds vmapped on CPU, the batched offsets make it a scatter:
+  correct, but that layout was not timed.)
   """
   x = x[..., 0].astype(jnp.float32)
-  zero = (0 * w.reshape(-1)[0]).astype(jnp.int32)
+  # nan_to_num: a diverged kernel must still give offset 0, whatever a backend makes of int(NaN).
+  zero = (0 * jnp.nan_to_num(w.reshape(-1)[0])).astype(jnp.int32)
   shape = (x.shape[0], *[x.shape[1 + d] + sum(padding[d]) for d in range(2)])
   return lax.dynamic_update_slice(jnp.zeros(shape, jnp.float32), x,
                                   (zero, zero + padding[0][0], zero + padding[1][0]))
@@ -235,7 +239,8 @@ def _one_channel_bwd(padding, precision, residuals, dy):
   x, w, padded = residuals
   # Taps stacked in front: (T, N, H, W) contracts with dy (N, H, W, O) with no transpose.
   taps = jnp.stack(_taps(padded, w.shape[:2])).astype(dy.dtype)
-  dw = lax.dot_general(taps, dy, (((1, 2, 3), (0, 1, 2)), ((), ())), precision=precision)
+  dw = lax.dot_general(taps, dy, (((1, 2, 3), (0, 1, 2)), ((), ())), precision=precision,
+                       preferred_element_type=jnp.float32)
   # The input gradient (unused, hence removed by XLA, for a first layer).
   _, input_grad = jax.vjp(lambda x: lax_conv(x, w, (1, 1), padding, precision), x)
   dx, = input_grad(dy)
