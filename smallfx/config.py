@@ -49,6 +49,9 @@ def default() -> ml_collections.ConfigDict:
   c.num_seeds = 1
   c.resample_per_seed = False
   c.seed_devices = 1   # devices along the seed axis; the rest split the batch.
+  # Train steps per call of the compiled program; 0: by backend (1 on CPU, 25 on
+  # GPU: train.steps_per_dispatch says why).
+  c.steps_per_dispatch = 0
   c.distributed = False  # multi-host: jax.distributed.initialize() from the environment.
 
   # Bookkeeping.

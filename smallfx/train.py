@@ -208,11 +208,13 @@ def unroll_seeds(mesh) -> bool:
 
 def make_train_step(setup: Setup, num_classes: int, mean, std, mesh=None,
                     per_seed_data: bool = False, unroll: bool | None = None,
-                    in_a_row: bool = True):
+                    in_a_row: bool = True, steps: int = 1):
   """(state, images_u8, labels) -> (state, metrics), mapped over seeds and jitted.
 
   Seeds are vmapped, or on CPU unrolled (`unroll`, default: on CPU with one seed
-  device), one after another unless `in_a_row=False` (see `over_seeds`).
+  device), one after another unless `in_a_row=False` (see `over_seeds`). With
+  `steps` > 1 one call runs that many steps under `lax.scan`, and every metric gets
+  a leading axis of `steps` (see `steps_per_dispatch`).
 
   Data parallelism is SPMD under `jax.jit`: the batch is constrained to split
   over the mesh's 'data' axis and XLA inserts the all-reduces of gradients and
@@ -235,11 +237,34 @@ def make_train_step(setup: Setup, num_classes: int, mean, std, mesh=None,
                                         learning_rate=setup.learning_rate), unroll,
                       in_a_row=1 if in_a_row else None)(state, x, y)
 
+  def several(state, images_u8, labels):
+    return jax.lax.scan(lambda st, _: step(st, images_u8, labels), state, length=steps)
+
   unroll = unroll_seeds(mesh) if unroll is None else unroll
-  return jax.jit(step, donate_argnums=0,
+  return jax.jit(step if steps == 1 else several, donate_argnums=0,
                  in_shardings=(state_sharding, data_sharding, data_sharding),
                  out_shardings=(state_sharding, replicated),
                  compiler_options=compiler_options(mesh))
+
+
+def steps_per_dispatch(config) -> int:
+  """How many train steps one call of the jitted program runs.
+
+  0 (the default) picks by backend. GPU: 25 under `lax.scan`. At small-data
+  batch sizes a step is a chain of short kernels and the card waits on their
+  launches: on one H200, SmallCNN's step at batch 32 took 1.04 ms dispatched alone
+  and 0.39 ms with 20 per dispatch (x2.65), ResNet-20's at batch 128 x1.06
+  (experiments/bench/GPU.md, tools/bench_dispatch.py). 25 divides the default
+  logging, evaluation and checkpoint intervals, so windows stay whole. CPU: 1.
+  XLA:CPU keeps the convolution gradients inside a loop in a layout its fast
+  kernels do not take, and the scanned step ran 13x (SmallCNN) to 41x (ResNet-20)
+  slower (experiments/bench/dispatch_cpu.log).
+  """
+  if config.steps_per_dispatch < 0:
+    raise UserError(f'steps_per_dispatch must be >= 0, got {config.steps_per_dispatch}')
+  if config.steps_per_dispatch:
+    return int(config.steps_per_dispatch)
+  return 1 if jax.default_backend() == 'cpu' else 25
 
 
 def compiler_options(mesh) -> dict | None:
@@ -428,7 +453,7 @@ def _write_config(config, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       before = json.load(f)
-    ignore = {'progress'}
+    ignore = {'progress', 'steps_per_dispatch'}  # neither changes the maths
     changed = sorted(k for k in set(before) | set(resolved)
                      if k not in ignore and before.get(k) != resolved.get(k))
     if changed:
@@ -535,6 +560,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
 
   train_step = make_train_step(setup, num_classes, mean, std, mesh, config.resample_per_seed)
+  chunk = steps_per_dispatch(config)
+  train_steps = (make_train_step(setup, num_classes, mean, std, mesh, config.resample_per_seed,
+                                 steps=chunk) if chunk > 1 else None)
   eval_step = make_eval_step(setup, num_classes, mean, std, mesh)
   if config.resample_per_seed:
     splits = [dataset.train] + [data_lib.resample_train(dataset, config, k)
@@ -561,13 +589,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # two in flight, which ran 300 steps as fast as fully blocking steps (10.2 vs 10.5
   # ms) and never stuck.
   one_ahead = jax.default_backend() == 'cpu' and jax.local_device_count() > 1
+  def next_stop(step):
+    stops = [setup.total_steps, *(every * (step // every + 1) for every in (
+        config.log_every_steps, config.checkpoint_every_steps, config.eval_every_steps)
+                                  if every)]
+    return min(stops)
+
   while step < setup.total_steps:
-    state, m = train_step(state, images_dev, labels_dev)
+    # `chunk` steps per call where they fit before the next log, evaluation or
+    # checkpoint (see steps_per_dispatch), single steps otherwise.
+    if train_steps is not None and step + chunk <= next_stop(step):
+      state, m = train_steps(state, images_dev, labels_dev)
+      n = chunk
+    else:
+      state, m = train_step(state, images_dev, labels_dev)
+      m, n = jax.tree.map(lambda v: v[None], m), 1
     if one_ahead and pending:
       jax.block_until_ready(pending[-1])
     pending.append(m)
-    step += 1
-    bar.update(1)
+    step += n
+    bar.update(n)
     log_now = step % config.log_every_steps == 0 or step == setup.total_steps
     save_now = step % config.checkpoint_every_steps == 0 or step == setup.total_steps
     eval_now = (config.eval_every_steps and step % config.eval_every_steps == 0
@@ -575,7 +616,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not (log_now or save_now or eval_now):
       continue
     # The one host sync per window: earlier steps were dispatched without waiting.
-    window = jax.device_get(pending)
+    window = [{k: v[i] for k, v in w.items()} for w in jax.device_get(pending)
+              for i in range(len(next(iter(w.values()))))]
     elapsed = time.perf_counter() - window_start
     for offset, w in enumerate(window):
       # A finite loss with an infinite gradient already poisons the parameters.

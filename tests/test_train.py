@@ -1,5 +1,6 @@
 """The training path: the jitted step, seeds, outputs, resume and user errors."""
 
+import collections
 import importlib.util
 import json
 import os
@@ -133,6 +134,31 @@ def test_main_writes_outputs_and_reports_again(tmp_path):
   variables, spec = checkpoint.load_variables(workdir)
   assert spec['num_seeds'] == 1 and spec['loss'] == 'cosine'
   assert jax.tree.leaves(variables['params'])[0].shape[0] == 1
+
+
+def test_several_steps_per_dispatch_train_and_log_like_one(tmp_path, monkeypatch):
+  """Chunks of 4 steps (a scan) stop at every log boundary and give the same run."""
+  calls, make = collections.Counter(), train.make_train_step
+
+  def counting_make(*args, steps=1, **kwargs):
+    fn = make(*args, steps=steps, **kwargs)
+    return lambda *a: (calls.update([steps]), fn(*a))[1]
+  monkeypatch.setattr(train, 'make_train_step', counting_make)
+  results, logged = {}, {}
+  for n in (1, 4):
+    config = small_config(num_steps=12, log_every_steps=5, steps_per_dispatch=n,
+                          baseline='none', progress=False)
+    workdir = str(tmp_path / f'n{n}')
+    results[n] = train.train_and_evaluate(config, workdir)
+    logged[n] = metrics.read(workdir)
+  assert [r['step'] for r in logged[4]] == [r['step'] for r in logged[1]] == [5, 10, 12, 12]
+  for a, b in zip(logged[1], logged[4]):
+    for k in ('train/loss', 'train/grad_norm', 'train/learning_rate'):
+      if k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, err_msg=k)
+  np.testing.assert_allclose(results[4]['test_accuracy'], results[1]['test_accuracy'], atol=0.01)
+  # 12 single steps for n=1; then 0-3 and 5-8 as chunks, 4, 9, 10 and 11 alone.
+  assert calls == {1: 12 + 4, 4: 2}, calls
 
 
 @pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='needs torch')
