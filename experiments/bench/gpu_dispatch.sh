@@ -6,7 +6,9 @@
 # Same machine setup as gpu.sh (wheels of missing packages in .whl/). For ResNet-20 and
 # SmallCNN on the embedded digits (938 steps each), runs with --config.steps_per_dispatch=1
 # and with the default, alternating, twice each, without the compilation cache (each run
-# compiles its own programs). Writes dispatch_runs.log to $OUT.
+# compiles its own programs). CACHE=1: with smallfx's compilation cache, each
+# configuration run once first to fill it, then timed once (a study's later runs).
+# Writes dispatch_runs.log (CACHE=1: dispatch_runs_cached.log) to $OUT.
 set -uo pipefail
 OUT=${OUT:?set OUT to a folder for the results}
 mkdir -p "$OUT"
@@ -15,8 +17,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/dispatch_runs.log"
-for round in 1 2; do
+LOG="$OUT/dispatch_runs.log"
+ROUNDS="1 2"
+if [ "${CACHE:-0}" = 1 ]; then
+  export JAX_COMPILATION_CACHE_DIR=/tmp/gpu_dispatch_cache
+  LOG="$OUT/dispatch_runs_cached.log"
+  ROUNDS="fill timed"
+fi
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$LOG"
+for round in $ROUNDS; do
   for model in resnet20 cnn; do
     for n in 1 0; do
       rm -rf /tmp/gpu_dispatch_run
@@ -25,7 +34,7 @@ for round in 1 2; do
         --workdir=/tmp/gpu_dispatch_run --config.model=$model --config.steps_per_dispatch=$n \
         --config.progress=False --config.baseline=none 2>&1 | tail -n 1)
       echo "round $round $model steps_per_dispatch=$n: $(python3 -c "import time; print(f'{time.time() - $start:.1f}')") s process | $line" \
-        | tee -a "$OUT/dispatch_runs.log"
+        | tee -a "$LOG"
     done
   done
 done
