@@ -252,9 +252,11 @@ def steps_per_dispatch(config) -> int:
 
   0 (the default) picks by backend. GPU: 25 under `lax.scan`. At small-data
   batch sizes a step is a chain of short kernels and the card waits on their
-  launches: on one H200, SmallCNN's step at batch 32 took 1.04 ms dispatched alone
-  and 0.39 ms with 20 per dispatch (x2.65), ResNet-20's at batch 128 x1.06
-  (experiments/bench/GPU.md, tools/bench_dispatch.py). 25 divides the default
+  launches. On one H200, the digits jobs (938 steps, batch 32) trained at 3.3x
+  (ResNet-20) and 7.5x (SmallCNN) the images per second of one step per call, and
+  whole runs took 17.0 s against 18.9 and 9.0 against 11.5 with the compilation
+  cache filled; a first run, which also compiles the scan, gains nothing (ResNet-20
+  23 s in the loop against 17). experiments/bench/GPU.md. 25 divides the default
   logging, evaluation and checkpoint intervals, so windows stay whole. CPU: 1.
   XLA:CPU keeps the convolution gradients inside a loop in a layout its fast
   kernels do not take, and the scanned step ran 13x (SmallCNN) to 41x (ResNet-20)
