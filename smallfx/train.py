@@ -592,23 +592,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ms) and never stuck.
   one_ahead = jax.default_backend() == 'cpu' and jax.local_device_count() > 1
   def next_stop(step):
-    stops = [setup.total_steps, *(every * (step // every + 1) for every in (
-        config.log_every_steps, config.checkpoint_every_steps, config.eval_every_steps)
-                                  if every)]
-    return min(stops)
+    """The next step that logs, evaluates, checkpoints or ends the run."""
+    everys = [e for e in (config.log_every_steps, config.eval_every_steps,
+                          config.checkpoint_every_steps) if e]
+    return min([setup.total_steps] + [e * (step // e + 1) for e in everys])
 
   while step < setup.total_steps:
     # `chunk` steps per call where they fit before the next log, evaluation or
     # checkpoint (see steps_per_dispatch), single steps otherwise.
-    if train_steps is not None and step + chunk <= next_stop(step):
-      state, m = train_steps(state, images_dev, labels_dev)
-      n = chunk
-    else:
-      state, m = train_step(state, images_dev, labels_dev)
-      m, n = jax.tree.map(lambda v: v[None], m), 1
+    n = chunk if chunk > 1 and step + chunk <= next_stop(step) else 1
+    state, m = (train_steps if n > 1 else train_step)(state, images_dev, labels_dev)
     if one_ahead and pending:
-      jax.block_until_ready(pending[-1])
-    pending.append(m)
+      jax.block_until_ready(pending[-1][1])
+    pending.append((n, m))
     step += n
     bar.update(n)
     log_now = step % config.log_every_steps == 0 or step == setup.total_steps
@@ -618,8 +614,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not (log_now or save_now or eval_now):
       continue
     # The one host sync per window: earlier steps were dispatched without waiting.
-    window = [{k: v[i] for k, v in w.items()} for w in jax.device_get(pending)
-              for i in range(len(next(iter(w.values()))))]
+    # Per step; a chunk's metrics carry a leading axis of its n steps.
+    window = [w if n == 1 else {k: v[i] for k, v in w.items()}
+              for n, w in jax.device_get(pending) for i in range(n)]
     elapsed = time.perf_counter() - window_start
     for offset, w in enumerate(window):
       # A finite loss with an infinite gradient already poisons the parameters.
