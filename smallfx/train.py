@@ -262,8 +262,6 @@ def steps_per_dispatch(config) -> int:
   kernels do not take, and the scanned step ran 13x (SmallCNN) to 41x (ResNet-20)
   slower (experiments/bench/dispatch_cpu.log).
   """
-  if config.steps_per_dispatch < 0:
-    raise UserError(f'steps_per_dispatch must be >= 0, got {config.steps_per_dispatch}')
   if config.steps_per_dispatch:
     return int(config.steps_per_dispatch)
   return 1 if jax.default_backend() == 'cpu' else 25
@@ -438,6 +436,8 @@ def check_names(config) -> None:
     raise unknown('finetune mode', config.finetune, optim.FINETUNE)
   if config.num_seeds < 1:
     raise UserError(f'num_seeds must be at least 1, got {config.num_seeds}')
+  if config.steps_per_dispatch < 0:
+    raise UserError(f'steps_per_dispatch must be >= 0, got {config.steps_per_dispatch}')
   augment_lib.build(config.augment)
 
 
@@ -591,6 +591,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # two in flight, which ran 300 steps as fast as fully blocking steps (10.2 vs 10.5
   # ms) and never stuck.
   one_ahead = jax.default_backend() == 'cpu' and jax.local_device_count() > 1
+
   def next_stop(step):
     """The next step that logs, evaluates, checkpoints or ends the run."""
     everys = [e for e in (config.log_every_steps, config.eval_every_steps,

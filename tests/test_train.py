@@ -213,6 +213,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     ('--config.samples_per_class=500', "class '.' has only"),
     ('--config.dataset=fashion_mnist --config.data_dir=/nonexistent', 'apt-get install'),
     ('--config.augment=flop', "flop"),
+    ('--config.steps_per_dispatch=-1', 'steps_per_dispatch must be >= 0'),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, flag, message):
   r = run_cli('smallfx.main', '--config=configs/cosine.py', f'--workdir={tmp_path}',
