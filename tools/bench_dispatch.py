@@ -4,7 +4,8 @@
 
 Times smallfx's real train step (`smallfx.train.make_train_step`, one seed, synthetic
 data on the device) dispatched once per step, and N steps per dispatch (the same
-step under `jax.lax.scan` in one jitted program), interleaved in rounds. For each:
+step under `jax.lax.scan`: `make_train_step(steps=N)`, as the training loop runs it on
+GPUs), interleaved in rounds. For each:
 
   ms/step    wall time per training step (median [min-max] over rounds)
   host ms    time the Python loop spends issuing the dispatches, per step: when it
@@ -29,7 +30,6 @@ import numpy as np
 from bench import flops, host_flops  # tools/ is on the path of a script in it
 from bench_seed_layout import make, model_specs
 from smallfx import malloc
-from smallfx import train
 
 # Entry-computation instructions that are bookkeeping, not a kernel launch.
 _NOT_KERNELS = ('parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast',
@@ -43,23 +43,13 @@ def kernels_per_step(compiled) -> int:
   return sum(op not in _NOT_KERNELS for op in ops)
 
 
-def scanned(step, n):
-  """n train steps in one program: the train step's function under a scan."""
-  one = step.__wrapped__  # the traced function; the scan is jitted with the same options
-
-  def steps(state, x, y):
-    return jax.lax.scan(lambda s, _: one(s, x, y), state, length=n)
-
-  mesh = jax.make_mesh((1, 1), ('seed', 'data'), (jax.sharding.AxisType.Auto,) * 2)
-  return jax.jit(steps, donate_argnums=0, compiler_options=train.compiler_options(mesh))
-
-
 class Run:
 
   def __init__(self, model, batch, n):
     step, state, x, y, make_step = make(model, 1, batch, None, True)
     self.n = n
-    self.fn = step if n == 1 else scanned(step, n)
+    # n steps in one program: the train step under `lax.scan`, as the training loop runs it.
+    self.fn = step if n == 1 else make_step(None, n)
     lowered = self.fn.lower(state, x, y)
     compiled = lowered.compile()
     if n == 1:  # (the cost analysis of a scan counts its body once)

@@ -64,8 +64,8 @@ def make(model, k, batch, unroll, in_a_row, n=2000, augment=AUGMENT):
   x, y = jnp.asarray(images), jnp.asarray(labels)
   state, m = step(state, x, y)  # compile
   jax.block_until_ready(m)
-  make_step = lambda mesh: train.make_train_step(setup, 10, 0.5, 0.25, mesh, unroll=unroll,
-                                                 in_a_row=in_a_row)
+  make_step = lambda mesh, steps=1: train.make_train_step(
+      setup, 10, 0.5, 0.25, mesh, unroll=unroll, in_a_row=in_a_row, steps=steps)
   return [step, state, x, y, make_step]
 
 
