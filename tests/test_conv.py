@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from smallfx.models import conv
+from smallfx.models import conv, onednn
 
 # (batch, size, C_in, C_out, kernel, stride, padding): every branch of `cpu_conv`
 # (stride 1; one input channel; 1x1 strided; space-to-depth; lax's where a rewrite
@@ -57,7 +57,7 @@ def test_cpu_conv_equals_lax_with_gradients(n, size, cin, cout, k, stride, paddi
   chex.assert_trees_all_close(vjp(dy), vjp_ref(dy), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('cin,stride', [(4, 2), (1, 1)])
+@pytest.mark.parametrize('cin,stride', [(4, 1), (4, 2), (1, 1)])
 def test_gradients_under_vmap_as_seeds_use_them(cin, stride):
   x = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, cin))
   w = jax.random.normal(jax.random.key(1), (3, 3, 3, cin, 6))
@@ -95,7 +95,8 @@ def test_kernel_gradient_stays_in_the_canonical_formulation():
   grad = jax.jit(jax.grad(lambda w: jnp.sum(conv.cpu_conv(x, w, (1, 1), 'VALID') ** 2)))
   convolutions = [line for line in grad.lower(w).compile().as_text().splitlines()
                   if ' convolution(' in line]
-  assert len(convolutions) == 2, convolutions  # forward, kernel gradient
+  # The kernel gradient, and the forward unless oneDNN runs it.
+  assert len(convolutions) == (1 if onednn.available() else 2), convolutions
   for line in convolutions:
     assert 'dim_labels=b01f_01io->b01f' in line and 'rhs_reversal' not in line, line
 
@@ -112,3 +113,43 @@ def test_single_channel_layer_runs_without_convolutions():
   hlo = grad.lower(w, jnp.ones((4, 12, 12, 1))).compile().as_text()
   assert ' convolution(' not in hlo and ' dot(' in hlo
   assert 'dynamic-update-slice(' in hlo and ' pad(' not in hlo
+
+
+needs_onednn = pytest.mark.skipif(not onednn.available(),
+                                  reason="this jaxlib runs no oneDNN convolution call")
+
+
+@needs_onednn
+def test_stride_1_layers_train_on_onednn():
+  """Forward and input gradient as oneDNN calls; the kernel gradient stays XLA's."""
+  grad = jax.jit(jax.grad(lambda x, w: jnp.sum(conv.cpu_conv(jnp.sin(x), w, (1, 1), 'SAME') ** 2),
+                          argnums=(0, 1)))
+  hlo = grad.lower(jnp.ones((4, 8, 8, 4)), jnp.ones((3, 3, 4, 4))).compile().as_text()
+  assert hlo.count(f'custom_call_target="{onednn.TARGET}"') == 2, hlo
+  assert hlo.count(' convolution(') == 1
+
+
+@needs_onednn
+@pytest.mark.parametrize('padding', [((1, 1), (1, 1)), ((0, 2), (2, 0))])
+def test_onednn_call_matches_lax_in_and_out_of_jit(padding):
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 5))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 5, 4))
+  specs = dict(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+  want = _reference(x, w, 1, padding)
+  eager = onednn.conv(x, w, strides=(1, 1), padding=padding, **specs)
+  jitted = jax.jit(lambda x, w: onednn.conv(x, w, strides=(1, 1), padding=padding, **specs))
+  chex.assert_trees_all_close(eager, jitted(x, w), want, atol=1e-4, rtol=1e-4)
+
+
+def test_onednn_probe_runs_inside_a_trace():
+  """Its first caller is a layer being traced: the probe must still compute, not stage."""
+  expected = onednn.available()
+  inside = jax.jit(lambda x: x * onednn.available.__wrapped__())(jnp.ones(()))
+  assert bool(inside) == expected
+
+
+def test_onednn_off_gives_lax_programs(monkeypatch):
+  monkeypatch.setattr(conv, 'ONEDNN', False)
+  hlo = jax.jit(lambda x, w: conv.cpu_conv(x, w, (1, 1), 'SAME')).lower(
+      jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))).compile().as_text()
+  assert onednn.TARGET not in hlo and ' convolution(' in hlo

@@ -2,9 +2,9 @@
 
 The same maths as `nn.Conv` (same parameters and names, equal values and
 gradients to float rounding); only the formulation XLA receives differs, and only
-on CPU. ResNet-20's train step (batch 128, 2-core EPYC) is 1.35x faster with it,
-SmallCNN's 1.15x (experiments/bench/README.md, "Convolution gradients"). Three
-things are slow there:
+on CPU. ResNet-20's train step (batch 128, 2-core EPYC) is 1.35x faster with items
+1-2, 1.12x more with 4; SmallCNN's 1.15x with 3 (experiments/bench/README.md,
+"Convolution gradients", "oneDNN"). Four things are slow there:
 
 1. The kernel gradient. JAX writes it as a convolution whose *input* is the
    layer's input x with the batch as feature dimension; XLA:CPU's kernels want
@@ -33,6 +33,12 @@ things are slow there:
    against ~90 for its second. In training it is computed as one shifted product
    per tap instead (`_one_channel`).
 
+4. XLA's own convolution kernels (Eigen): ~93 GFLOP/s on a 16->16 layer where
+   oneDNN, which jaxlib carries, reaches ~190. Where `smallfx.models.onednn` runs
+   on this jaxlib, stride-1 float32 layers (strided ones after space-to-depth) take
+   their forward and input gradient from oneDNN (`_onednn`); kernel gradients stay
+   XLA's, in the form of item 1.
+
 GPUs (cuDNN) handle all of these natively, so elsewhere this is `lax`'s own.
 Grouped (depthwise) and dilated convolutions always go to `lax` unchanged.
 The rewritten layers define reverse-mode gradients only (a custom VJP): on CPU,
@@ -47,6 +53,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from smallfx.models import onednn
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -65,6 +73,10 @@ SPACE_TO_DEPTH_MAX_CHANNELS = 64
 # longer recomputed: `_padded`); ResNet-20 b32 on 28x28x1 x0.97-1.02 and on 8x8x1
 # x1.04, i.e. noise. Three channels in the same form cost ResNet-20 (32x32x3) x0.94-0.98.
 SHIFTED_PRODUCTS_MAX_TAPS = 9
+# Forward and input gradient of stride-1 k x k (k > 1) float32 layers on oneDNN
+# (item 4): ResNet-20 b128 x1.12 (332 -> 296 ms), SmallCNN x1.00. Off: XLA's
+# kernels throughout (benchmarks flip it to compare).
+ONEDNN = True
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -120,11 +132,52 @@ def _stride_1(x, w, padding, precision):
   if (x.shape[-1] == 1 and 1 < w.shape[0] * w.shape[1] <= SHIFTED_PRODUCTS_MAX_TAPS
       and min(min(p) for p in padding) >= 0):  # a negative pad (a crop) stays lax's
     return _one_channel(x, w, padding, precision)
+  if _onednn_fits(x, w, padding):
+    return _onednn(x, w, padding, precision)
   # A 1x1 kernel's gradient is a matrix product, which XLA already gives to a
   # fast library (YNNPACK); as a convolution it would not be.
   if w.shape[:2] == (1, 1) or not w.shape[3] <= w.shape[2] <= SWAPPED_KERNEL_GRAD_MAX_CHANNELS:
     return lax_conv(x, w, (1, 1), padding, precision)
   return _conv(x, w, padding, precision)
+
+
+def _onednn_fits(x, w, padding):
+  # One device: the partitioner would gather a sharded batch for a custom call.
+  # oneDNN takes no negative padding, nor, in the input gradient, any beyond k - 1.
+  return (ONEDNN and w.shape[:2] != (1, 1) and x.dtype == w.dtype == jnp.float32
+          and jax.device_count() == 1
+          and all(0 <= p <= k - 1 for k, pad in zip(w.shape[:2], padding) for p in pad)
+          and onednn.available())
+
+
+_NHWC_SPECS = dict(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn(x, w, padding, precision):
+  del precision  # oneDNN computes in float32 throughout
+  return onednn.conv(x, w, strides=(1, 1), padding=padding, **_NHWC_SPECS)
+
+
+def _onednn_fwd(x, w, padding, precision):
+  return _onednn(x, w, padding, precision), (x, w)
+
+
+def _onednn_bwd(padding, precision, residuals, dy):
+  x, w = residuals
+  # dx is dy correlated with the flipped kernel, its in and out features swapped.
+  back = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(w.shape[:2], padding)]
+  dx = onednn.conv(dy, w[::-1, ::-1], strides=(1, 1), padding=back,
+                   lhs_spec=(0, 3, 1, 2), rhs_spec=(2, 3, 0, 1), out_spec=(0, 3, 1, 2))
+  if w.shape[3] <= w.shape[2] <= SWAPPED_KERNEL_GRAD_MAX_CHANNELS:
+    dw = _kernel_grad(x, dy, w.shape[:2], padding, precision)
+  else:
+    _, kernel_grad = jax.vjp(lambda w: lax_conv(x, w, (1, 1), padding, precision), w)
+    dw, = kernel_grad(dy)
+  return dx, dw
+
+
+_onednn.defvjp(_onednn_fwd, _onednn_bwd)
 
 
 def _space_to_depth(x, w, strides, padding, out):
