@@ -3,7 +3,7 @@
 The same maths as `nn.Conv` (same parameters and names, equal values and
 gradients to float rounding); only the formulation XLA receives differs, and only
 on CPU. ResNet-20's train step (batch 128, 2-core EPYC) is 1.35x faster with items
-1-2, 1.12x more with 4; SmallCNN's 1.15x with 3 (experiments/bench/README.md,
+1-2, 1.08-1.12x more with 4; SmallCNN's 1.15x with 3 (experiments/bench/README.md,
 "Convolution gradients", "oneDNN"). Four things are slow there:
 
 1. The kernel gradient. JAX writes it as a convolution whose *input* is the
@@ -33,8 +33,8 @@ on CPU. ResNet-20's train step (batch 128, 2-core EPYC) is 1.35x faster with ite
    against ~90 for its second. In training it is computed as one shifted product
    per tap instead (`_one_channel`).
 
-4. XLA's own convolution kernels (Eigen): ~93 GFLOP/s on a 16->16 layer where
-   oneDNN, which jaxlib carries, reaches ~190. Where `smallfx.models.onednn` runs
+4. XLA's own convolution kernels (Eigen): ~93 GFLOP/s on a 16->16 layer; oneDNN,
+   which jaxlib carries, runs its forward and input gradient 1.7-2.4x faster. Where `smallfx.models.onednn` runs
    on this jaxlib, stride-1 float32 layers (strided ones after space-to-depth) take
    their forward and input gradient from oneDNN (`_onednn`); kernel gradients stay
    XLA's, in the form of item 1.
@@ -74,7 +74,7 @@ SPACE_TO_DEPTH_MAX_CHANNELS = 64
 # x1.04, i.e. noise. Three channels in the same form cost ResNet-20 (32x32x3) x0.94-0.98.
 SHIFTED_PRODUCTS_MAX_TAPS = 9
 # Forward and input gradient of stride-1 k x k (k > 1) float32 layers on oneDNN
-# (item 4): ResNet-20 b128 x1.12 (332 -> 296 ms), SmallCNN x1.00. Off: XLA's
+# (item 4): ResNet-20 b128 x1.08-1.12 (332 -> 296 ms), WRN-16-8 x1.10, SmallCNN x1.00. Off: XLA's
 # kernels throughout (benchmarks flip it to compare).
 ONEDNN = True
 
