@@ -43,8 +43,11 @@ def _reference(x, w, stride, padding):
                                   precision=lax.Precision.HIGHEST)
 
 
+@pytest.mark.parametrize('onednn_on', [False, True])
 @pytest.mark.parametrize('n,size,cin,cout,k,stride,padding', CASES)
-def test_cpu_conv_equals_lax_with_gradients(n, size, cin, cout, k, stride, padding):
+def test_cpu_conv_equals_lax_with_gradients(n, size, cin, cout, k, stride, padding, onednn_on,
+                                            monkeypatch):
+  monkeypatch.setattr(conv, 'ONEDNN', onednn_on)
   kx, kw, kdy = jax.random.split(jax.random.key(size * k + stride), 3)
   x = jax.random.normal(kx, (n, size, size, cin))
   w = jax.random.normal(kw, (k, k, cin, cout))
@@ -58,7 +61,8 @@ def test_cpu_conv_equals_lax_with_gradients(n, size, cin, cout, k, stride, paddi
 
 
 @pytest.mark.parametrize('cin,stride', [(4, 1), (4, 2), (1, 1)])
-def test_gradients_under_vmap_as_seeds_use_them(cin, stride):
+def test_gradients_under_vmap_as_seeds_use_them(cin, stride, monkeypatch):
+  monkeypatch.setattr(conv, 'ONEDNN', True)  # the oneDNN call's batching rule too
   x = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, cin))
   w = jax.random.normal(jax.random.key(1), (3, 3, 3, cin, 6))
 
@@ -96,7 +100,7 @@ def test_kernel_gradient_stays_in_the_canonical_formulation():
   convolutions = [line for line in grad.lower(w).compile().as_text().splitlines()
                   if ' convolution(' in line]
   # The kernel gradient, and the forward unless oneDNN runs it.
-  assert len(convolutions) == (1 if onednn.available() else 2), convolutions
+  assert len(convolutions) == (1 if conv.ONEDNN and onednn.available() else 2), convolutions
   for line in convolutions:
     assert 'dim_labels=b01f_01io->b01f' in line and 'rhs_reversal' not in line, line
 
@@ -120,8 +124,9 @@ needs_onednn = pytest.mark.skipif(not onednn.available(),
 
 
 @needs_onednn
-def test_stride_1_layers_train_on_onednn():
+def test_stride_1_layers_train_on_onednn(monkeypatch):
   """Forward and input gradient as oneDNN calls; the kernel gradient stays XLA's."""
+  monkeypatch.setattr(conv, 'ONEDNN', True)
   grad = jax.jit(jax.grad(lambda x, w: jnp.sum(conv.cpu_conv(jnp.sin(x), w, (1, 1), 'SAME') ** 2),
                           argnums=(0, 1)))
   hlo = grad.lower(jnp.ones((4, 8, 8, 4)), jnp.ones((3, 3, 4, 4))).compile().as_text()

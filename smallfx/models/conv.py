@@ -3,7 +3,7 @@
 The same maths as `nn.Conv` (same parameters and names, equal values and
 gradients to float rounding); only the formulation XLA receives differs, and only
 on CPU. ResNet-20's train step (batch 128, 2-core EPYC) is 1.35x faster with items
-1-2, 1.08-1.12x more with 4; SmallCNN's 1.15x with 3 (experiments/bench/README.md,
+1-2, 1.08-1.12x more with 4 (opt-in); SmallCNN's 1.15x with 3 (experiments/bench/README.md,
 "Convolution gradients", "oneDNN"). Four things are slow there:
 
 1. The kernel gradient. JAX writes it as a convolution whose *input* is the
@@ -34,10 +34,12 @@ on CPU. ResNet-20's train step (batch 128, 2-core EPYC) is 1.35x faster with ite
    per tap instead (`_one_channel`).
 
 4. XLA's own convolution kernels (Eigen): ~93 GFLOP/s on a 16->16 layer; oneDNN,
-   which jaxlib carries, runs its forward and input gradient 1.7-2.4x faster. Where `smallfx.models.onednn` runs
-   on this jaxlib, stride-1 float32 layers (strided ones after space-to-depth) take
-   their forward and input gradient from oneDNN (`_onednn`); kernel gradients stay
-   XLA's, in the form of item 1.
+   which jaxlib carries, runs its forward and input gradient 1.7-2.4x faster. With
+   SMALLFX_ONEDNN=1 (`ONEDNN`: off by default, as jax's compilation cache keeps no
+   program with the call) and where `smallfx.models.onednn` runs on this jaxlib,
+   stride-1 float32 layers (strided ones after space-to-depth) take their forward
+   and input gradient from oneDNN (`_onednn`); kernel gradients stay XLA's, in the
+   form of item 1.
 
 GPUs (cuDNN) handle all of these natively, so elsewhere this is `lax`'s own.
 Grouped (depthwise) and dilated convolutions always go to `lax` unchanged.
@@ -47,6 +49,7 @@ uses it.
 """
 
 import functools
+import os
 from typing import Callable
 
 import flax.linen as nn
@@ -74,9 +77,10 @@ SPACE_TO_DEPTH_MAX_CHANNELS = 64
 # x1.04, i.e. noise. Three channels in the same form cost ResNet-20 (32x32x3) x0.94-0.98.
 SHIFTED_PRODUCTS_MAX_TAPS = 9
 # Forward and input gradient of stride-1 k x k (k > 1) float32 layers on oneDNN
-# (item 4): ResNet-20 b128 x1.08-1.12 (332 -> 296 ms), WRN-16-8 x1.10, SmallCNN x1.00. Off: XLA's
-# kernels throughout (benchmarks flip it to compare).
-ONEDNN = True
+# (item 4): ResNet-20 b128 x1.08-1.12 (332 -> 296 ms), WRN-16-8 x1.10, SmallCNN x1.00.
+# Opt-in (SMALLFX_ONEDNN=1): jax's persistent compilation cache does not keep
+# programs with the call, so every run would compile its train step again.
+ONEDNN = os.environ.get('SMALLFX_ONEDNN', '0') == '1'
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
