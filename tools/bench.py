@@ -220,12 +220,12 @@ class SmallfxRun:
     self.compile_seconds = time.perf_counter() - t
     self.make_step = lambda mesh: train_mod.make_train_step(setup, NUM_CLASSES, mean, std,
                                                             mesh)
-    with xla_convolutions(train_mod):
+    with xla_convolutions(train_mod) as switched:
       # The model's maths, counted with every convolution in XLA's hands.
-      self.flops_per_step = (flops(self.make_step(mesh).lower(
-          self.state, self.images, self.labels)) if hasattr(train_mod, 'make_mesh') else
-                             flops(lowered)) or host_flops(
-                                 self.make_step, (self.state, self.images, self.labels))
+      counted = self.make_step(mesh).lower(self.state, self.images, self.labels) if switched \
+          else lowered
+      self.flops_per_step = flops(counted) or host_flops(
+          self.make_step, (self.state, self.images, self.labels))
     mem = compiled.memory_analysis()
     self.step_bytes = mem and (mem.argument_size_in_bytes + mem.output_size_in_bytes -
                                mem.alias_size_in_bytes + mem.temp_size_in_bytes)
@@ -254,13 +254,13 @@ class SmallfxRun:
 def xla_convolutions(train_mod):
   """Convolutions traced meanwhile stay XLA's: cost analysis counts no custom call's FLOPs."""
   conv = sys.modules.get(train_mod.__name__.rsplit('.', 1)[0] + '.models.conv')
-  before = getattr(conv, 'ONEDNN', None)
-  if before is not None:
+  before = getattr(conv, 'ONEDNN', False)  # older revisions have no such switch
+  if before:
     conv.ONEDNN = False
   try:
-    yield
+    yield before  # whether a step traced before this needs tracing again
   finally:
-    if before is not None:
+    if before:
       conv.ONEDNN = before
 
 

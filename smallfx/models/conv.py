@@ -78,8 +78,9 @@ SPACE_TO_DEPTH_MAX_CHANNELS = 64
 SHIFTED_PRODUCTS_MAX_TAPS = 9
 # Forward and input gradient of stride-1 k x k (k > 1) float32 layers on oneDNN
 # (item 4): ResNet-20 b128 x1.08-1.12 (332 -> 296 ms), WRN-16-8 x1.10, SmallCNN x1.00.
-# Opt-in (SMALLFX_ONEDNN=1): jax's persistent compilation cache does not keep
-# programs with the call, so every run would compile its train step again.
+# Opt-in (SMALLFX_ONEDNN=1): XLA cannot serialise an executable holding the
+# oneDNN thunk (std::bad_alloc), so jax's persistent compilation cache keeps no
+# program with the call and every run would compile its train step again.
 ONEDNN = os.environ.get('SMALLFX_ONEDNN', '0') == '1'
 
 
@@ -140,9 +141,14 @@ def _stride_1(x, w, padding, precision):
     return _onednn(x, w, padding, precision)
   # A 1x1 kernel's gradient is a matrix product, which XLA already gives to a
   # fast library (YNNPACK); as a convolution it would not be.
-  if w.shape[:2] == (1, 1) or not w.shape[3] <= w.shape[2] <= SWAPPED_KERNEL_GRAD_MAX_CHANNELS:
+  if w.shape[:2] == (1, 1) or not _swaps_kernel_grad(w):
     return lax_conv(x, w, (1, 1), padding, precision)
   return _conv(x, w, padding, precision)
+
+
+def _swaps_kernel_grad(w):
+  """Whether the kernel gradient pays in the swapped form (item 1)."""
+  return w.shape[3] <= w.shape[2] <= SWAPPED_KERNEL_GRAD_MAX_CHANNELS
 
 
 def _onednn_fits(x, w, padding):
@@ -173,7 +179,7 @@ def _onednn_bwd(padding, precision, residuals, dy):
   back = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(w.shape[:2], padding)]
   dx = onednn.conv(dy, w[::-1, ::-1], strides=(1, 1), padding=back,
                    lhs_spec=(0, 3, 1, 2), rhs_spec=(2, 3, 0, 1), out_spec=(0, 3, 1, 2))
-  if w.shape[3] <= w.shape[2] <= SWAPPED_KERNEL_GRAD_MAX_CHANNELS:
+  if _swaps_kernel_grad(w):
     dw = _kernel_grad(x, dy, w.shape[:2], padding, precision)
   else:
     _, kernel_grad = jax.vjp(lambda w: lax_conv(x, w, (1, 1), padding, precision), w)

@@ -147,10 +147,11 @@ def available() -> bool:
 
 def _matches_lax() -> bool:
   rng = np.random.default_rng(0)
+  nhwc = (0, 3, 1, 2)
   cases = [  # (x, w, lhs/rhs/out specs, strides, padding): the forms conv.py uses
-      ((2, 5, 6, 3), (3, 2, 3, 4), (0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2), (1, 1), ((1, 1), (0, 1))),
+      ((2, 5, 6, 3), (3, 2, 3, 4), nhwc, (3, 2, 0, 1), nhwc, (1, 1), ((1, 1), (0, 1))),
       # an input gradient: the kernel's in and out features swapped
-      ((2, 5, 6, 4), (3, 3, 3, 4), (0, 3, 1, 2), (2, 3, 0, 1), (0, 3, 1, 2), (1, 1), ((2, 0), (1, 1))),
+      ((2, 5, 6, 4), (3, 3, 3, 4), nhwc, (2, 3, 0, 1), nhwc, (1, 1), ((2, 0), (1, 1))),
   ]
   cpu = jax.devices('cpu')[0]
   for x_shape, w_shape, *spec in cases:
