@@ -102,21 +102,21 @@ def _lowering(ctx, x, w, *, lhs_spec, rhs_spec, out_spec, strides, padding):
   return op.results
 
 
-_conv_p.def_abstract_eval(_abstract_eval)
-_conv_p.def_impl(lambda x, w, **params: _jitted(**params)(x, w))
-
-
 @functools.cache
 def _jitted(**params):
   # Outside jit (eager calls), the primitive runs as a one-op compiled program.
   return jax.jit(functools.partial(_conv_p.bind, **params))
+
+
+_conv_p.def_abstract_eval(_abstract_eval)
+_conv_p.def_impl(lambda x, w, **params: _jitted(**params)(x, w))
 mlir.register_lowering(_conv_p, _lowering, platform='cpu')
 
 
 def _batched(args, dims, **params):
-  # One call per vmapped index (seeds, when vmapped on CPU; None: not mapped): the call takes no
-  # extra batch dimension, and folding one into the images' would need the
-  # weights shared.
+  # One call per vmapped index (None: an operand not mapped). The call takes no
+  # extra batch dimension, and folding one into the images' would need the weights
+  # shared, which vmapped seeds do not.
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
   take = lambda a, d, i: a if d is None else lax.index_in_dim(a, i, d, False)
   outs = [_conv_p.bind(*(take(a, d, i) for a, d in zip(args, dims)), **params)
