@@ -2,9 +2,17 @@
 
 The same maths as `nn.Conv` (same parameters and names, equal values and
 gradients to float rounding); only the formulation XLA receives differs, and only
-on CPU. ResNet-20's train step (batch 128, 2-core EPYC) is 1.35x faster with items
-1-2, 1.08-1.12x more with 4 (opt-in); SmallCNN's 1.15x with 3 (experiments/bench/README.md,
-"Convolution gradients", "oneDNN"). Four things are slow there:
+on CPU, where XLA runs convolutions on Eigen's kernels, about half as fast as oneDNN's.
+
+On CPU, float32 layers on one device run forward, input and kernel gradient on
+oneDNN (`smallfx.models.onednn`, FFI calls compiled on first use; `_onednn`): ResNet-20's
+train step (batch 128, 2-core EPYC) is then 1.4-1.6x faster than with XLA's kernels in
+the formulations below, SmallCNN's 1.07x (experiments/bench/README.md, "oneDNN through
+FFI"). SMALLFX_ONEDNN=0 (`ONEDNN`) turns this off. Grey images' first layers keep
+item 3, which beats oneDNN there. Without oneDNN (not x86-64 Linux, no C++ compiler,
+bfloat16, several devices), three things are slow in XLA's kernels, and the layers
+are rewritten so that XLA runs them faster: ResNet-20's step 1.35x with items 1-2,
+SmallCNN's 1.15x with 3 ("Convolution gradients").
 
 1. The kernel gradient. JAX writes it as a convolution whose *input* is the
    layer's input x with the batch as feature dimension; XLA:CPU's kernels want
@@ -32,14 +40,6 @@ on CPU. ResNet-20's train step (batch 128, 2-core EPYC) is 1.35x faster with ite
    input channels: on one core, SmallCNN's first layer (1->32) ran at ~10 GFLOP/s
    against ~90 for its second. In training it is computed as one shifted product
    per tap instead (`_one_channel`).
-
-4. XLA's own convolution kernels (Eigen): ~93 GFLOP/s on a 16->16 layer; oneDNN,
-   which jaxlib carries, runs its forward and input gradient 1.7-2.4x faster. With
-   SMALLFX_ONEDNN=1 (`ONEDNN`: off by default, as jax's compilation cache keeps no
-   program with the call) and where `smallfx.models.onednn` runs on this jaxlib,
-   stride-1 float32 layers (strided ones after space-to-depth) take their forward
-   and input gradient from oneDNN (`_onednn`); kernel gradients stay XLA's, in the
-   form of item 1.
 
 GPUs (cuDNN) handle all of these natively, so elsewhere this is `lax`'s own.
 Grouped (depthwise) and dilated convolutions always go to `lax` unchanged.
@@ -76,12 +76,12 @@ SPACE_TO_DEPTH_MAX_CHANNELS = 64
 # longer recomputed: `_padded`); ResNet-20 b32 on 28x28x1 x0.97-1.02 and on 8x8x1
 # x1.04, i.e. noise. Three channels in the same form cost ResNet-20 (32x32x3) x0.94-0.98.
 SHIFTED_PRODUCTS_MAX_TAPS = 9
-# Forward and input gradient of stride-1 k x k (k > 1) float32 layers on oneDNN
-# (item 4): ResNet-20 b128 x1.08-1.12 (332 -> 296 ms), WRN-16-8 x1.10, SmallCNN x1.00.
-# Opt-in (SMALLFX_ONEDNN=1): XLA cannot serialise an executable holding the
-# oneDNN thunk (std::bad_alloc), so jax's persistent compilation cache keeps no
-# program with the call and every run would compile its train step again.
-ONEDNN = os.environ.get('SMALLFX_ONEDNN', '0') == '1'
+# Every float32 layer's forward and both gradients on oneDNN, where it builds (all
+# but one-input-channel layers: `tools/bench_conv.py`-style A/B, 2-core EPYC):
+# ResNet-20 b128 x1.44-1.58 (312-345 -> 216-218 ms), SmallCNN b32 x1.07, ResNet-20 on
+# 8x8x1 b32 x1.10; SmallCNN's 1->32 first layer as shifted products beats it (x1.07).
+# Unlike XLA's own oneDNN thunk, FFI calls serialise: jax's compilation cache keeps them.
+ONEDNN = os.environ.get('SMALLFX_ONEDNN', '1') != '0'
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -120,6 +120,9 @@ def cpu_conv(x, w, strides, padding, precision=None):
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
   padding = tuple(tuple(p) for p in padding)
+  if not (strides == (1, 1) and _one_channel_fits(x, w, padding)) and _onednn_fits(
+      x, w, padding):
+    return _onednn(x, w, strides, padding, precision)
   if strides == (1, 1):
     return _stride_1(x, w, padding, precision)
   out = [(x.shape[1 + d] + sum(padding[d]) - w.shape[d]) // strides[d] + 1 for d in range(2)]
@@ -133,12 +136,14 @@ def cpu_conv(x, w, strides, padding, precision=None):
   return _stride_1(*_space_to_depth(x, w, strides, padding, out), ((0, 0), (0, 0)), precision)
 
 
+def _one_channel_fits(x, w, padding):
+  return (x.shape[-1] == 1 and 1 < w.shape[0] * w.shape[1] <= SHIFTED_PRODUCTS_MAX_TAPS
+          and min(min(p) for p in padding) >= 0)  # a negative pad (a crop) stays lax's
+
+
 def _stride_1(x, w, padding, precision):
-  if (x.shape[-1] == 1 and 1 < w.shape[0] * w.shape[1] <= SHIFTED_PRODUCTS_MAX_TAPS
-      and min(min(p) for p in padding) >= 0):  # a negative pad (a crop) stays lax's
+  if _one_channel_fits(x, w, padding):
     return _one_channel(x, w, padding, precision)
-  if _onednn_fits(x, w, padding):
-    return _onednn(x, w, padding, precision)
   # A 1x1 kernel's gradient is a matrix product, which XLA already gives to a
   # fast library (YNNPACK); as a convolution it would not be.
   if w.shape[:2] == (1, 1) or not _swaps_kernel_grad(w):
@@ -153,38 +158,27 @@ def _swaps_kernel_grad(w):
 
 def _onednn_fits(x, w, padding):
   # One device: the partitioner would gather a sharded batch for a custom call.
-  # oneDNN takes no negative padding, nor, in the input gradient, any beyond k - 1.
-  return (ONEDNN and w.shape[:2] != (1, 1) and x.dtype == w.dtype == jnp.float32
-          and jax.device_count() == 1
-          and all(0 <= p <= k - 1 for k, pad in zip(w.shape[:2], padding) for p in pad)
+  # oneDNN takes no negative padding (a crop).
+  return (ONEDNN and x.dtype == w.dtype == jnp.float32
+          and jax.device_count() == 1 and min(min(p) for p in padding) >= 0
           and onednn.available())
 
 
-_NHWC_SPECS = dict(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _onednn(x, w, padding, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _onednn(x, w, strides, padding, precision):
   del precision  # oneDNN computes in float32 throughout
-  return onednn.conv(x, w, strides=(1, 1), padding=padding, **_NHWC_SPECS)
+  return onednn.conv(x, w, strides, padding)
 
 
-def _onednn_fwd(x, w, padding, precision):
-  return _onednn(x, w, padding, precision), (x, w)
+def _onednn_fwd(x, w, strides, padding, precision):
+  return _onednn(x, w, strides, padding, precision), (x, w)
 
 
-def _onednn_bwd(padding, precision, residuals, dy):
+def _onednn_bwd(strides, padding, precision, residuals, dy):
+  del precision
   x, w = residuals
-  # dx is dy correlated with the flipped kernel, its in and out features swapped.
-  back = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(w.shape[:2], padding)]
-  dx = onednn.conv(dy, w[::-1, ::-1], strides=(1, 1), padding=back,
-                   lhs_spec=(0, 3, 1, 2), rhs_spec=(2, 3, 0, 1), out_spec=(0, 3, 1, 2))
-  if _swaps_kernel_grad(w):
-    dw = _kernel_grad(x, dy, w.shape[:2], padding, precision)
-  else:
-    _, kernel_grad = jax.vjp(lambda w: lax_conv(x, w, (1, 1), padding, precision), w)
-    dw, = kernel_grad(dy)
-  return dx, dw
+  return (onednn.input_grad(dy, w, x.shape, strides, padding),
+          onednn.kernel_grad(x, dy, w.shape, strides, padding))
 
 
 _onednn.defvjp(_onednn_fwd, _onednn_bwd)
