@@ -44,8 +44,8 @@ SmallCNN's 1.15x with 3 ("Convolution gradients").
 GPUs (cuDNN) handle all of these natively, so elsewhere this is `lax`'s own.
 Grouped (depthwise) and dilated convolutions always go to `lax` unchanged.
 The rewritten layers define reverse-mode gradients only (a custom VJP): on CPU,
-forward-mode AD through them (`jax.jvp`, `jax.jacfwd`) raises; nothing in smallfx
-uses it.
+forward-mode AD through them (`jax.jvp`, `jax.jacfwd`) raises, and so do second
+derivatives on oneDNN (SMALLFX_ONEDNN=0 gives them); nothing in smallfx uses either.
 """
 
 import functools
@@ -121,7 +121,7 @@ def cpu_conv(x, w, strides, padding, precision=None):
     padding = lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
   padding = tuple(tuple(p) for p in padding)
   if not (strides == (1, 1) and _one_channel_fits(x, w, padding)) and _onednn_fits(
-      x, w, padding):
+      x, w, strides, padding):
     return _onednn(x, w, strides, padding, precision)
   if strides == (1, 1):
     return _stride_1(x, w, padding, precision)
@@ -156,11 +156,13 @@ def _swaps_kernel_grad(w):
   return w.shape[3] <= w.shape[2] <= SWAPPED_KERNEL_GRAD_MAX_CHANNELS
 
 
-def _onednn_fits(x, w, padding):
+def _onednn_fits(x, w, strides, padding):
   # One device: the partitioner would gather a sharded batch for a custom call.
-  # oneDNN takes no negative padding (a crop).
-  return (ONEDNN and x.dtype == w.dtype == jnp.float32
-          and jax.device_count() == 1 and min(min(p) for p in padding) >= 0
+  # oneDNN takes no negative padding (a crop), and no empty operand or output.
+  return (ONEDNN and jax.default_backend() == 'cpu' and jax.device_count() == 1
+          and x.dtype == w.dtype == jnp.float32 and min(min(p) for p in padding) >= 0
+          and min(x.shape + w.shape) > 0
+          and all(x.shape[1 + d] + sum(padding[d]) >= w.shape[d] for d in range(2))
           and onednn.available())
 
 

@@ -11,7 +11,7 @@ and non-negative padding.
 The handlers are compiled on first use (a few seconds, once per machine: the library
 is kept in ~/.cache/smallfx, or $SMALLFX_CACHE) with the C++ compiler ($CXX, else g++),
 jaxlib's FFI headers and the oneDNN of the onednn-cpu-gomp wheels, a dependency on
-x86-64 Linux. Unlike a call to XLA's internal oneDNN thunk, an FFI call is an
+x86-64 Linux. The calls are first-order: their gradients are not defined. Unlike a call to XLA's internal oneDNN thunk, an FFI call is an
 ordinary custom call that XLA serialises, so jax's persistent compilation cache
 keeps these programs. `available()` says whether the library built and loaded and
 gives lax's values on a small case of each kind; where it does not (no compiler,
@@ -25,8 +25,11 @@ import importlib.metadata
 import logging
 import os
 import pathlib
+import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from typing import Sequence
 
@@ -88,39 +91,46 @@ def _dist_file(dist: str, suffix: str) -> pathlib.Path | None:
   return None
 
 
-def build() -> pathlib.Path:
+def build(rebuild: bool = False) -> pathlib.Path:
   """Compiles `onednn_conv.cc` (once: the result is cached by its inputs); its path."""
+  if not (sys.platform == 'linux' and platform.machine() == 'x86_64'):
+    raise RuntimeError('built on x86-64 Linux only (oneDNN\'s wheels)')
   lib = _dist_file('onednn-cpu-gomp', '/libdnnl.so.3')
   header = _dist_file('onednn-devel-cpu-gomp', 'include/oneapi/dnnl/dnnl.hpp')
   if lib is None or header is None:
     raise RuntimeError('oneDNN is not installed (pip install onednn-cpu-gomp onednn-devel-cpu-gomp)')
-  compiler = shutil.which(os.environ.get('CXX', 'g++'))
-  if compiler is None:
-    raise RuntimeError('no C++ compiler (g++, or $CXX)')
-  include = header.parents[2]
-  command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', str(SOURCE),
-             f'-I{jax.ffi.include_dir()}', f'-I{include}', f'-L{lib.parent}', '-l:libdnnl.so.3',
-             f'-Wl,-rpath,{lib.parent}']
-  key = hashlib.sha256('\0'.join([SOURCE.read_text(), jaxlib.__version__, *command]).encode())
+  flags = ['-O2', '-std=c++17', '-shared', '-fPIC', '-w', str(SOURCE), f'-I{jax.ffi.include_dir()}',
+           f'-I{header.parents[2]}', f'-L{lib.parent}', '-l:libdnnl.so.3',
+           f'-Wl,-rpath,{lib.parent}']
+  key = hashlib.sha256('\0'.join([
+      SOURCE.read_text(), jaxlib.__version__, importlib.metadata.version('onednn-cpu-gomp'),
+      *flags]).encode())
   cache = pathlib.Path(os.environ.get('SMALLFX_CACHE', '~/.cache/smallfx')).expanduser()
   target = cache / f'onednn_conv-{key.hexdigest()[:16]}.so'
-  if not target.exists():
-    cache.mkdir(parents=True, exist_ok=True)
-    logging.info('Compiling smallfx\'s oneDNN convolutions (once) into %s', target)
-    # Built under another name and renamed: concurrent first runs never load half a file.
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-      partial = pathlib.Path(tmp) / target.name
-      done = subprocess.run([*command, '-o', str(partial)], capture_output=True, text=True)
-      if done.returncode:
-        raise RuntimeError(f'{" ".join(command)} failed:\n{done.stderr[-2000:]}')
-      os.replace(partial, target)
+  if target.exists() and not rebuild:
+    return target
+  compiler = shlex.split(os.environ.get('CXX', 'g++'))
+  if not compiler or shutil.which(compiler[0]) is None:
+    raise RuntimeError('no C++ compiler (g++, or $CXX) to build the oneDNN calls')
+  cache.mkdir(parents=True, exist_ok=True)
+  logging.info('Compiling smallfx\'s oneDNN convolutions (once) into %s', target)
+  # Built under another name and renamed: concurrent first runs never load half a file.
+  with tempfile.TemporaryDirectory(dir=cache) as tmp:
+    partial = pathlib.Path(tmp) / target.name
+    done = subprocess.run([*compiler, *flags, '-o', str(partial)], capture_output=True, text=True)
+    if done.returncode:
+      raise RuntimeError(f'{" ".join(compiler + flags)} failed:\n{done.stderr[-2000:]}')
+    os.replace(partial, target)
   return target
 
 
 @functools.cache
 def _load():
   """Builds (where needed) and loads the library, and registers its handlers with XLA."""
-  library = ctypes.cdll.LoadLibrary(str(build()))
+  try:
+    library = ctypes.cdll.LoadLibrary(str(build()))
+  except OSError:  # a damaged cached build (a full disk, say): once more, afresh
+    library = ctypes.cdll.LoadLibrary(str(build(rebuild=True)))
   for name in TARGETS.values():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform='cpu')
 
@@ -150,5 +160,10 @@ def _matches_lax() -> bool:
   got = jax.jit(lambda x, w, dy: (conv(x, w, strides, padding),
                                   input_grad(dy, w, x_shape, strides, padding),
                                   kernel_grad(x, dy, w_shape, strides, padding)))(x, w, dy)
-  return all(a.shape == b.shape and np.allclose(a, b, rtol=1e-4, atol=1e-4)
-             for a, b in zip(got, (y, dx, dw)))
+  for name, a, b in zip(('forward', 'input gradient', 'kernel gradient'), got, (y, dx, dw)):
+    if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-4):
+      logging.warning('oneDNN convolutions unused: the %s differs from lax\'s (max error %s)',
+                      name, np.max(np.abs(np.asarray(a) - np.asarray(b)))
+                      if a.shape == b.shape else f'shape {a.shape}, not {b.shape}')
+      return False
+  return True

@@ -4,15 +4,27 @@
 // Built on first use by smallfx/models/onednn.py against the onednn-cpu-gomp wheel.
 // Each handler looks its primitive up by shapes, strides and padding (creating a
 // primitive descriptor takes longer than a small layer runs), converts the kernel
-// between HWIO and the layout oneDNN's primitive chose, and runs it with a
-// scratchpad of its own, so that calls XLA runs at the same time share nothing.
+// between HWIO and the layout oneDNN's primitive chose, and runs it.
+//
+// All of that happens on one thread of this library's own. With the GNU OpenMP
+// runtime, every thread that opens a parallel region keeps a team of its own for
+// life: calls made from XLA's worker threads would grow a pool of (cores - 1)
+// threads per worker, cores^2 threads on a large machine, contending for the
+// cores. On one thread there is one team, and calls, which each use every core,
+// run one at a time.
 
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -27,9 +39,52 @@ namespace {
 
 enum Kind : int64_t { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
 
+// Process-lifetime objects are leaked, not destroyed at exit, where an XLA thread
+// may still be inside a call.
 dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
+  static auto* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
+  return *engine;
+}
+
+class Worker {
+ public:
+  Worker() : thread_([this] { Loop(); }) {}
+
+  // Runs task on the worker thread and waits for it; rethrows what it throws.
+  void Run(std::function<void()> task) {
+    std::packaged_task<void()> job(std::move(task));
+    std::future<void> done = job.get_future();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.push_back(std::move(job));
+    }
+    ready_.notify_one();
+    done.get();
+  }
+
+ private:
+  void Loop() {
+    for (;;) {
+      std::packaged_task<void()> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        ready_.wait(lock, [this] { return !queue_.empty(); });
+        job = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      job();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<std::packaged_task<void()>> queue_;
+  std::thread thread_;
+};
+
+Worker& TheWorker() {
+  static auto* worker = new Worker();
+  return *worker;
 }
 
 // oneDNN names dimensions (N, C, H, W) and (O, I, H, W) whatever the memory order.
@@ -50,13 +105,12 @@ struct Primitive {
 using Key = std::tuple<int64_t, memory::dims, memory::dims, memory::dims, memory::dims,
                        memory::dims, memory::dims>;
 
+// Called on the worker thread only.
 const Primitive& Lookup(Kind kind, const memory::dims& x, const memory::dims& w,
                         const memory::dims& y, const memory::dims& strides,
                         const memory::dims& pad_lo, const memory::dims& pad_hi) {
-  static std::mutex mutex;
-  static std::map<Key, std::unique_ptr<Primitive>> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& slot = cache[Key(kind, x, w, y, strides, pad_lo, pad_hi)];
+  static auto* cache = new std::map<Key, std::unique_ptr<Primitive>>();
+  auto& slot = (*cache)[Key(kind, x, w, y, strides, pad_lo, pad_hi)];
   if (slot) return *slot;
 
   const auto f32 = memory::data_type::f32;
@@ -93,49 +147,62 @@ const Primitive& Lookup(Kind kind, const memory::dims& x, const memory::dims& w,
   return *slot;
 }
 
+void Execute(Kind kind, float* x, ffi::Span<const int64_t> x_dims, float* w,
+             ffi::Span<const int64_t> w_dims, float* y, ffi::Span<const int64_t> y_dims,
+             const memory::dims& strides, const memory::dims& pad_lo,
+             const memory::dims& pad_hi) {
+  const Primitive& p =
+      Lookup(kind, Image(x_dims), Kernel(w_dims), Image(y_dims), strides, pad_lo, pad_hi);
+  dnnl::engine& engine = Engine();
+  dnnl::stream stream(engine);
+  const auto f32 = memory::data_type::f32;
+  memory image({Image(x_dims), f32, tag::nhwc}, engine, x);
+  memory out({Image(y_dims), f32, tag::nhwc}, engine, y);
+  memory plain_kernel(p.plain_kernel, engine, w);
+  const bool convert = p.kernel != p.plain_kernel;
+  memory kernel = convert ? memory(p.kernel, engine) : plain_kernel;
+  memory scratchpad(p.scratchpad, engine);
+  if (convert && kind != kKernelGrad) {
+    dnnl::reorder(plain_kernel, kernel).execute(stream, plain_kernel, kernel);
+  }
+  if (kind == kForward) {
+    p.run.execute(stream, {{DNNL_ARG_SRC, image}, {DNNL_ARG_WEIGHTS, kernel},
+                           {DNNL_ARG_DST, out}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  } else if (kind == kInputGrad) {
+    p.run.execute(stream, {{DNNL_ARG_DIFF_DST, out}, {DNNL_ARG_WEIGHTS, kernel},
+                           {DNNL_ARG_DIFF_SRC, image}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  } else {
+    p.run.execute(stream, {{DNNL_ARG_SRC, image}, {DNNL_ARG_DIFF_DST, out},
+                           {DNNL_ARG_DIFF_WEIGHTS, kernel}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    if (convert) dnnl::reorder(kernel, plain_kernel).execute(stream, kernel, plain_kernel);
+  }
+  stream.wait();
+}
+
 // x, w and y are (N, H, W, C), (KH, KW, I, O) and (N, H', W', O) buffers; which of
 // them is read and which written depends on the kind.
 ffi::Error Run(Kind kind, float* x, ffi::Span<const int64_t> x_dims, float* w,
                ffi::Span<const int64_t> w_dims, float* y, ffi::Span<const int64_t> y_dims,
                int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
                int64_t pad_left, int64_t pad_right) {
+  // No exception may cross into XLA, which would terminate the process.
   try {
-    const Primitive& p = Lookup(kind, Image(x_dims), Kernel(w_dims), Image(y_dims),
-                                {stride_h, stride_w}, {pad_top, pad_left},
-                                {pad_bottom, pad_right});
-    dnnl::engine& engine = Engine();
-    dnnl::stream stream(engine);
-    const auto f32 = memory::data_type::f32;
-    memory image({Image(x_dims), f32, tag::nhwc}, engine, x);
-    memory out({Image(y_dims), f32, tag::nhwc}, engine, y);
-    memory plain_kernel(p.plain_kernel, engine, w);
-    const bool convert = p.kernel != p.plain_kernel;
-    memory kernel = convert ? memory(p.kernel, engine) : plain_kernel;
-    memory scratchpad(p.scratchpad, engine);
-    if (convert && kind != kKernelGrad) {
-      dnnl::reorder(plain_kernel, kernel).execute(stream, plain_kernel, kernel);
-    }
-    if (kind == kForward) {
-      p.run.execute(stream, {{DNNL_ARG_SRC, image}, {DNNL_ARG_WEIGHTS, kernel},
-                             {DNNL_ARG_DST, out}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    } else if (kind == kInputGrad) {
-      p.run.execute(stream, {{DNNL_ARG_DIFF_DST, out}, {DNNL_ARG_WEIGHTS, kernel},
-                             {DNNL_ARG_DIFF_SRC, image}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    } else {
-      p.run.execute(stream, {{DNNL_ARG_SRC, image}, {DNNL_ARG_DIFF_DST, out},
-                             {DNNL_ARG_DIFF_WEIGHTS, kernel},
-                             {DNNL_ARG_SCRATCHPAD, scratchpad}});
-      if (convert) dnnl::reorder(kernel, plain_kernel).execute(stream, kernel, plain_kernel);
-    }
-    stream.wait();
+    TheWorker().Run([&] {
+      Execute(kind, x, x_dims, w, w_dims, y, y_dims, {stride_h, stride_w},
+              {pad_top, pad_left}, {pad_bottom, pad_right});
+    });
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+  } catch (...) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "oneDNN convolution failed");
   }
   return ffi::Error::Success();
 }
 
-using F32 = ffi::Buffer<ffi::F32>;
-using OutF32 = ffi::ResultBuffer<ffi::F32>;
+using F32 = ffi::BufferR4<ffi::F32>;
+using OutF32 = ffi::ResultBufferR4<ffi::F32>;
 
 ffi::Error Forward(F32 x, F32 w, OutF32 y, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
                    int64_t pl, int64_t pr) {
