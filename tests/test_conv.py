@@ -149,6 +149,14 @@ def test_layers_train_on_onednn_alone(k, stride, monkeypatch):
   assert ' convolution(' not in hlo
 
 
+def test_stride_1_pointwise_layers_stay_matrix_products(monkeypatch):
+  """XLA fuses their elementwise neighbours into the product; a call would not."""
+  monkeypatch.setattr(conv, 'ONEDNN', True)
+  grad = jax.jit(jax.grad(lambda w, x: jnp.sum(conv.cpu_conv(x, w, (1, 1), 'SAME') ** 2)))
+  hlo = grad.lower(jnp.ones((1, 1, 4, 6)), jnp.ones((2, 8, 8, 4))).compile().as_text()
+  assert 'Smallfx' not in hlo, hlo
+
+
 @needs_onednn
 @pytest.mark.parametrize('stride,padding', [(1, ((1, 1), (1, 1))), (1, ((0, 2), (3, 0))),
                                             (2, ((1, 1), (0, 1))), (3, ((0, 0), (2, 1)))])

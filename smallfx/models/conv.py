@@ -76,10 +76,13 @@ SPACE_TO_DEPTH_MAX_CHANNELS = 64
 # longer recomputed: `_padded`); ResNet-20 b32 on 28x28x1 x0.97-1.02 and on 8x8x1
 # x1.04, i.e. noise. Three channels in the same form cost ResNet-20 (32x32x3) x0.94-0.98.
 SHIFTED_PRODUCTS_MAX_TAPS = 9
-# Every float32 layer's forward and both gradients on oneDNN, where it builds (all
-# but one-input-channel layers: `tools/bench_conv.py`-style A/B, 2-core EPYC):
+# Float32 layers' forward and both gradients on oneDNN, where it builds (not one
+# input channel, not stride-1 1x1: `tools/bench_conv.py`-style A/B, 2-core EPYC):
 # ResNet-20 b128 x1.44-1.58 (312-345 -> 216-218 ms), SmallCNN b32 x1.07, ResNet-20 on
-# 8x8x1 b32 x1.10; SmallCNN's 1->32 first layer as shifted products beats it (x1.07).
+# 8x8x1 b32 x1.10, ResNet-18 (96 px) x1.19, WRN-16-8 x1.13, EfficientNet-Lite0 (96 px,
+# mostly depthwise and 1x1 layers) x0.94-0.98. SmallCNN's 1->32 first layer as shifted
+# products beats it (x1.07). With stride-1 1x1 layers on oneDNN as well: EfficientNet-Lite0
+# x0.85, and x0.96-0.97 against this rule for ResNet-18 and ResNet-20.
 # Unlike XLA's own oneDNN thunk, FFI calls serialise: jax's compilation cache keeps them.
 ONEDNN = os.environ.get('SMALLFX_ONEDNN', '1') != '0'
 
@@ -157,9 +160,11 @@ def _swaps_kernel_grad(w):
 
 
 def _onednn_fits(x, w, strides, padding):
-  # One device: the partitioner would gather a sharded batch for a custom call.
-  # oneDNN takes no negative padding (a crop), and no empty operand or output.
-  return (ONEDNN and jax.default_backend() == 'cpu' and jax.device_count() == 1
+  # A stride-1 1x1 layer is a matrix product, which XLA fuses with its elementwise
+  # neighbours (YNNPACK); a call would materialise them. One device: the partitioner
+  # would gather a sharded batch for a custom call. oneDNN takes no negative padding
+  # (a crop), and no empty operand or output.
+  return (ONEDNN and not (w.shape[:2] == (1, 1) and strides == (1, 1)) and jax.default_backend() == 'cpu' and jax.device_count() == 1
           and x.dtype == w.dtype == jnp.float32 and min(min(p) for p in padding) >= 0
           and min(x.shape + w.shape) > 0
           and all(x.shape[1 + d] + sum(padding[d]) >= w.shape[d] for d in range(2))
