@@ -204,7 +204,7 @@ def test_onednn_off_gives_lax_programs(monkeypatch):
 
 @needs_onednn
 def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
-  monkeypatch.setenv('SMALLFX_CACHE', str(tmp_path))  # nothing built yet
+  monkeypatch.setenv('SMALLFX_ONEDNN_CACHE', str(tmp_path))  # nothing built yet
   monkeypatch.setenv('CXX', 'no-such-compiler')
   with pytest.raises(RuntimeError, match='C\\+\\+ compiler'):
     onednn.build()

@@ -8,14 +8,15 @@ backward-data and backward-weights primitives are called here through three smal
 FFI handlers (`onednn_conv.cc`), NHWC images and HWIO kernels in place, any stride
 and non-negative padding.
 
-The handlers are compiled on first use (a few seconds, once per machine: the library
-is kept in ~/.cache/smallfx, or $SMALLFX_CACHE) with the C++ compiler ($CXX, else g++),
-jaxlib's FFI headers and the oneDNN of the onednn-cpu-gomp wheels, a dependency on
-x86-64 Linux. The calls are first-order: their gradients are not defined. Unlike a call to XLA's internal oneDNN thunk, an FFI call is an
-ordinary custom call that XLA serialises, so jax's persistent compilation cache
-keeps these programs. `available()` says whether the library built and loaded and
-gives lax's values on a small case of each kind; where it does not (no compiler,
-another platform), smallfx keeps XLA's convolutions.
+The handlers are compiled on first use (a few seconds, once per machine) with the C++
+compiler ($CXX, else g++), jaxlib's FFI headers and the oneDNN of the onednn-cpu-gomp
+wheels, a dependency on x86-64 Linux; the library is kept in ~/.cache/smallfx/onednn
+($XDG_CACHE_HOME/smallfx/onednn, or $SMALLFX_ONEDNN_CACHE). Unlike a call to XLA's
+internal oneDNN thunk, an FFI call is an ordinary custom call that XLA serialises, so
+jax's persistent compilation cache keeps these programs. The calls are first-order:
+their gradients are not defined. `available()` says whether the library built and
+loaded and gives lax's values on a small case of each kind; where it does not (no
+compiler, another platform), smallfx keeps XLA's convolutions.
 """
 
 import ctypes
@@ -105,7 +106,9 @@ def build(rebuild: bool = False) -> pathlib.Path:
   key = hashlib.sha256('\0'.join([
       SOURCE.read_text(), jaxlib.__version__, importlib.metadata.version('onednn-cpu-gomp'),
       *flags]).encode())
-  cache = pathlib.Path(os.environ.get('SMALLFX_CACHE', '~/.cache/smallfx')).expanduser()
+  root = os.environ.get('XDG_CACHE_HOME') or '~/.cache'
+  cache = pathlib.Path(
+      os.environ.get('SMALLFX_ONEDNN_CACHE', f'{root}/smallfx/onednn')).expanduser()
   target = cache / f'onednn_conv-{key.hexdigest()[:16]}.so'
   if target.exists() and not rebuild:
     return target
