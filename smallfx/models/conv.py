@@ -164,7 +164,8 @@ def _onednn_fits(x, w, strides, padding):
   # neighbours (YNNPACK); a call would materialise them. One device: the partitioner
   # would gather a sharded batch for a custom call. oneDNN takes no negative padding
   # (a crop), and no empty operand or output.
-  return (ONEDNN and not (w.shape[:2] == (1, 1) and strides == (1, 1)) and jax.default_backend() == 'cpu' and jax.device_count() == 1
+  return (ONEDNN and not (w.shape[:2] == (1, 1) and strides == (1, 1))
+          and jax.default_backend() == 'cpu' and jax.device_count() == 1
           and x.dtype == w.dtype == jnp.float32 and min(min(p) for p in padding) >= 0
           and min(x.shape + w.shape) > 0
           and all(x.shape[1 + d] + sum(padding[d]) >= w.shape[d] for d in range(2))

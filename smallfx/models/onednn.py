@@ -83,12 +83,12 @@ def _lax_conv(x, w, strides, padding):
 
 def _dist_file(dist: str, suffix: str) -> pathlib.Path | None:
   try:
-    files = importlib.metadata.distribution(dist).files or []
+    found = importlib.metadata.distribution(dist)
   except importlib.metadata.PackageNotFoundError:
     return None
-  for f in files:
+  for f in found.files or []:
     if str(f).endswith(suffix):
-      return pathlib.Path(importlib.metadata.distribution(dist).locate_file(f)).resolve()
+      return pathlib.Path(found.locate_file(f)).resolve()
   return None
 
 
@@ -99,10 +99,11 @@ def build(rebuild: bool = False) -> pathlib.Path:
   lib = _dist_file('onednn-cpu-gomp', '/libdnnl.so.3')
   header = _dist_file('onednn-devel-cpu-gomp', 'include/oneapi/dnnl/dnnl.hpp')
   if lib is None or header is None:
-    raise RuntimeError('oneDNN is not installed (pip install onednn-cpu-gomp onednn-devel-cpu-gomp)')
-  flags = ['-O2', '-std=c++17', '-shared', '-fPIC', '-w', str(SOURCE), f'-I{jax.ffi.include_dir()}',
-           f'-I{header.parents[2]}', f'-L{lib.parent}', '-l:libdnnl.so.3',
-           f'-Wl,-rpath,{lib.parent}']
+    raise RuntimeError(
+        'oneDNN is not installed (pip install onednn-cpu-gomp onednn-devel-cpu-gomp)')
+  flags = ['-O2', '-std=c++17', '-shared', '-fPIC', '-w', str(SOURCE),
+           f'-I{jax.ffi.include_dir()}', f'-I{header.parents[2]}', f'-L{lib.parent}',
+           '-l:libdnnl.so.3', f'-Wl,-rpath,{lib.parent}']
   key = hashlib.sha256('\0'.join([
       SOURCE.read_text(), jaxlib.__version__, importlib.metadata.version('onednn-cpu-gomp'),
       *flags]).encode())
