@@ -259,6 +259,22 @@ def test_compilation_cache_folder_and_switch(monkeypatch):
     jax.config.update('jax_compilation_cache_dir', saved)
 
 
+@pytest.mark.parametrize('model', ['cnn', 'resnet20'])
+def test_quickly_compiled_init_gives_the_same_state(model):
+  """The init program's options change its compile time, not one bit of the state."""
+  config = small_config(model=model, num_seeds=2)
+  setup = train.build(config, 10, 100)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(2))
+  init = jax.vmap(lambda k: train.init_state(setup.model, setup.tx, (8, 8, 3), k))
+  mesh = train.make_mesh(config)
+  quick = jax.jit(init, compiler_options=train.init_compiler_options(mesh))(keys)
+  full = jax.jit(init)(keys)
+  if jax.default_backend() == 'cpu':
+    assert train.init_compiler_options(mesh)
+  chex.assert_trees_all_equal(jax.random.key_data(quick.rng), jax.random.key_data(full.rng))
+  chex.assert_trees_all_equal(quick.replace(rng=None), full.replace(rng=None))
+
+
 def test_cpu_compiler_options_are_probed():
   mesh = jax.make_mesh((1, 1), ('seed', 'data'), (jax.sharding.AxisType.Auto,) * 2)
   expected = train.CPU_OPTIONS if train._cpu_options_accepted() else None
