@@ -16,9 +16,10 @@ each layout, interleaved in rounds so that all share the machine's load:
                 step (what a training loop holding K states would run)
 
 Prints milliseconds per K seed-steps (median and [min-max] over rounds), and
-each layout's compile time. Measured (SmallCNN b32, K=8, 2-core EPYC, 7 rounds):
-in a row 84.0 ms, looped 124.5 ms, 15.8 against 4.5 s to build and compile; in a
-row 74.2 ms, dispatched 71.6 ms (experiments/bench/README.md, "Seeds").
+each layout's compile time. `--model cnn --seeds 4,8 --rounds 7` on a 2-core EPYC,
+K=8: in a row 72.7 ms (7.1 s to build and compile), looped 103.5 ms (3.3 s),
+dispatched 79.9 ms (71.6 against 74.2 in a row in another run); experiments/bench/
+README.md, "Seeds".
 """
 import argparse
 import time
@@ -139,7 +140,7 @@ def main():
     print(f'K={k}: ' + ', '.join(
         f'{name} {np.median(t):.1f} [{min(t):.1f}-{max(t):.1f}] (x{np.median(t) / ref:.2f})'
         for name, t in times.items()), flush=True)
-    print(f'  build and compile (s): ' + ', '.join(f'{n} {v:.1f}' for n, v in build_s.items()),
+    print('  build and compile (s): ' + ', '.join(f'{n} {v:.1f}' for n, v in build_s.items()),
           flush=True)
 
 
