@@ -48,7 +48,9 @@ def default() -> ml_collections.ConfigDict:
   c.seed = 0
   c.num_seeds = 1
   c.resample_per_seed = False
-  c.seed_devices = 1   # devices along the seed axis; the rest split the batch.
+  # Devices along the seed axis; the rest split the batch. 0: on CPU, seeds run side
+  # by side on the cores (train.cpu_devices_for_seeds); elsewhere 1.
+  c.seed_devices = 0
   # Train steps per call of the compiled program; 0: by backend (1 on CPU, 25 on
   # GPU: train.steps_per_dispatch says why).
   c.steps_per_dispatch = 0

@@ -54,6 +54,8 @@ def main(argv):
   name = os.path.splitext(os.path.basename(path))[0]
   if config.distributed:
     _initialize_distributed()
+  else:
+    train.cpu_devices_for_seeds(config)
   train.train_and_evaluate(config, _WORKDIR.value or train.default_workdir(config, name))
 
 

@@ -135,11 +135,15 @@ def draw_batch(state: TrainState, images_u8, labels, *, batch_size, num_classes,
 def make_mesh(config) -> jax.sharding.Mesh:
   """A ('seed', 'data') mesh over every device of every process.
 
-  By default all devices split the batch ('data'). With `seed_devices` > 1, seeds
-  are laid over devices too: worth it when there are more devices than a small
-  batch can keep busy.
+  `seed_devices` devices lie along the seeds and the rest split the batch
+  ('data'). Laying seeds over devices is worth it when there are more devices than
+  a small batch can keep busy. By default (0) the seeds take every CPU device when
+  they divide evenly over them (the devices `cpu_devices_for_seeds` made), and
+  every other device splits the batch.
   """
-  n, k = jax.device_count(), config.seed_devices
+  n = jax.device_count()
+  k = config.seed_devices or (
+      n if jax.default_backend() == 'cpu' and config.num_seeds % n == 0 else 1)
   if k < 1 or n % k or config.num_seeds % k:
     raise UserError(f'seed_devices={k} must divide both the device count ({n}) and '
                     f'num_seeds ({config.num_seeds})')
@@ -206,7 +210,46 @@ def _after(x, previous):
 
 
 def unroll_seeds(mesh) -> bool:
-  return jax.default_backend() == 'cpu' and mesh.shape['seed'] == 1
+  """On CPU, unless seeds and batch are both split over devices (then vmapped, as SPMD)."""
+  return jax.default_backend() == 'cpu' and 1 in (mesh.shape['seed'], mesh.shape['data'])
+
+
+def side_by_side(fn: Callable, mesh, in_specs) -> Callable:
+  """`fn` run by each device of the 'seed' axis on its own seeds (every output has one).
+
+  Used on CPU, where `cpu_devices_for_seeds` gave each group of seeds a device: the
+  devices run their parts at once, each on its share of the cores, as separate
+  processes would. Within one device a second core does little for a small step's
+  many short fusions. 8 SmallCNN seeds at batch 32, 2-core EPYC, same hour: 59-65
+  ms a step over 2 devices against 89-90 ms on one (experiments/bench/README.md,
+  "Seeds"). The metrics' gather at the end of the step stays: without it the step
+  ran x1.3 slower.
+  """
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P('seed'), check_vma=False)
+
+
+def cpu_devices_for_seeds(config) -> None:
+  """Before JAX starts: one CPU device per group of seeds that run side by side.
+
+  A run of K seeds on a CPU gets the largest divisor of K not above the number of
+  cores (8 seeds on 2 cores: 2 devices of 4 seeds), or `seed_devices` where set.
+  Each device's oneDNN convolutions take its share of the cores
+  (`models.onednn.threads_per_device`). Devices set by the user (XLA_FLAGS'
+  --xla_force_host_platform_device_count, JAX_NUM_CPU_DEVICES) are kept; other
+  backends do not use these devices.
+  """
+  if (config.num_seeds < 2 or config.seed_devices == 1 or jax.config.jax_num_cpu_devices >= 0
+      or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')):
+    return
+  lanes = config.seed_devices or seed_groups(config.num_seeds, len(os.sched_getaffinity(0)))
+  if lanes > 1:
+    jax.config.update('jax_num_cpu_devices', lanes)
+
+
+def seed_groups(num_seeds: int, cores: int) -> int:
+  """The largest divisor of `num_seeds` not above `cores`: groups of equal size."""
+  return max(d for d in range(1, max(1, min(cores, num_seeds)) + 1) if num_seeds % d == 0)
 
 
 def make_train_step(setup: Setup, num_classes: int, mean, std, mesh=None,
@@ -214,8 +257,9 @@ def make_train_step(setup: Setup, num_classes: int, mean, std, mesh=None,
                     in_a_row: bool = True, steps: int = 1):
   """(state, images_u8, labels) -> (state, metrics), mapped over seeds and jitted.
 
-  Seeds are vmapped, or on CPU unrolled (`unroll`, default: on CPU with one seed
-  device), one after another unless `in_a_row=False` (see `over_seeds`). With
+  Seeds are vmapped, or on CPU unrolled (`unroll`, see `unroll_seeds`), one after
+  another unless `in_a_row=False` (see `over_seeds`); with several CPU devices along
+  the seeds, each runs its own seeds so, side by side (`side_by_side`). With
   `steps` > 1 one call runs that many steps under `lax.scan`, and every metric gets
   a leading axis of `steps` (see `steps_per_dispatch`).
 
@@ -228,22 +272,27 @@ def make_train_step(setup: Setup, num_classes: int, mean, std, mesh=None,
   # With `resample_per_seed` every seed trains on its own sub-sample: the data
   # gets a leading seed axis, laid out like the state.
   data_axis, data_sharding = (0, state_sharding) if per_seed_data else (None, replicated)
+  unroll = unroll_seeds(mesh) if unroll is None else unroll
 
   def step(state, images_u8, labels):
     x, y = jax.vmap(functools.partial(
         draw_batch, batch_size=setup.batch_size, num_classes=num_classes,
         augment=setup.augment, mean=mean, std=std), in_axes=(0, data_axis, data_axis))(
             state, images_u8, labels)
-    x = jax.lax.with_sharding_constraint(x, batch_sharding)
-    y = jax.lax.with_sharding_constraint(y, batch_sharding)
+    if mesh.shape['data'] > 1:
+      x = jax.lax.with_sharding_constraint(x, batch_sharding)
+      y = jax.lax.with_sharding_constraint(y, batch_sharding)
     return over_seeds(functools.partial(update, model=setup.model, loss=setup.loss, tx=setup.tx,
                                         learning_rate=setup.learning_rate), unroll,
                       in_a_row=1 if in_a_row else None)(state, x, y)
 
+  if unroll and mesh.shape['seed'] > 1:
+    data_spec = state_sharding.spec if per_seed_data else replicated.spec
+    step = side_by_side(step, mesh, (state_sharding.spec, data_spec, data_spec))
+
   def several(state, images_u8, labels):
     return jax.lax.scan(lambda st, _: step(st, images_u8, labels), state, length=steps)
 
-  unroll = unroll_seeds(mesh) if unroll is None else unroll
   return jax.jit(step if steps == 1 else several, donate_argnums=0,
                  in_shardings=(state_sharding, data_sharding, data_sharding),
                  out_shardings=(state_sharding, replicated),
@@ -338,6 +387,9 @@ def make_eval_step(setup: Setup, num_classes: int, mean, std, mesh=None):
 
   unroll = unroll_seeds(mesh)
   per_seed = lambda state, *batch: over_seeds(lambda st: step(st, *batch), unroll)(state)
+  if unroll and mesh.shape['seed'] > 1:
+    # With the seeds over every device, each device takes the whole batch.
+    per_seed = side_by_side(per_seed, mesh, (state_sharding.spec, *[replicated.spec] * 3))
   jitted = jax.jit(per_seed,
                    in_shardings=(state_sharding, examples, examples, examples),
                    out_shardings=replicated)
@@ -476,7 +528,7 @@ def _write_config(config, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       before = json.load(f)
-    ignore = {'progress', 'steps_per_dispatch'}  # neither changes the maths
+    ignore = {'progress', 'steps_per_dispatch', 'seed_devices'}  # none changes the maths
     changed = sorted(k for k in set(before) | set(resolved)
                      if k not in ignore and before.get(k) != resolved.get(k))
     if changed:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from smallfx import metrics
+from smallfx import train
 
 from conftest import REPO, run_cli
 
@@ -65,6 +66,54 @@ print('ALLREDUCE' if 'all-reduce' in hlo else 'NONE', jax.device_count())
                        env=dict(os.environ, **devices(4)), timeout=300)
   assert out.returncode == 0, out.stderr
   assert out.stdout.split() == ['ALLREDUCE', '4']
+
+
+@pytest.mark.parametrize('num_seeds, cores, groups', [
+    (8, 2, 2), (3, 2, 1), (6, 4, 3), (1, 16, 1), (8, 16, 8), (4, 1, 1)])
+def test_seed_groups(num_seeds, cores, groups):
+  assert train.seed_groups(num_seeds, cores) == groups
+
+
+def test_seeds_side_by_side_on_cpu_cores(tmp_path):
+  """A run of 2 seeds gets a CPU device per seed (on 2+ cores): the numbers of one device."""
+  cores = len(os.sched_getaffinity(0))
+  args = [*ARGS, '--config.num_seeds=2']
+  runs = {}
+  for name, extra in (('side', []), ('one', ['--config.seed_devices=1'])):
+    runs[name] = tmp_path / name
+    r = run_cli('smallfx.main', *args, *extra, f'--workdir={runs[name]}',
+                env={'XLA_FLAGS': None, 'JAX_NUM_CPU_DEVICES': None})
+    assert r.returncode == 0, r.stderr
+  assert len(results(runs['side'])['devices']) == min(2, cores)
+  assert len(results(runs['one'])['devices']) == 1
+  np.testing.assert_allclose(train_losses(runs['side']), train_losses(runs['one']), rtol=1e-4)
+  np.testing.assert_allclose(results(runs['side'])['test_accuracy_per_seed'],
+                             results(runs['one'])['test_accuracy_per_seed'], atol=2 / 535)
+
+
+def test_side_by_side_step_keeps_each_seed_on_its_device():
+  """Seeds over 2 CPU devices: no all-reduce, and each device's convolutions on oneDNN."""
+  code = '''
+import jax
+from smallfx import config as base, data, train
+from smallfx.models import onednn
+c = base.default(); c.width = 0.25; c.num_seeds = 4
+ds = data.load(c)
+setup = train.build(c, ds.num_classes, len(ds.train.labels))
+mesh = train.make_mesh(c)
+step = train.make_train_step(setup, ds.num_classes, 0.5, 0.25, mesh)
+keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jax.numpy.arange(4))
+state = jax.vmap(lambda k: train.init_state(setup.model, setup.tx, ds.image_shape, k))(keys)
+state = train.place_state(state.replace(rng=jax.random.key_data(state.rng)), mesh)
+hlo = step.lower(state, ds.train.images, ds.train.labels).compile().as_text()
+print(dict(mesh.shape)['seed'], 'all-reduce' in hlo, 'SmallfxConv' in hlo, onednn.available())
+'''
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, **devices(2)), timeout=300)
+  assert out.returncode == 0, out.stderr
+  seeds_over, all_reduce, onednn_calls, onednn_here = out.stdout.split()
+  assert (seeds_over, all_reduce) == ('2', 'False')
+  assert onednn_calls == onednn_here  # wherever oneDNN works, each device calls it
 
 
 def test_seeds_on_devices_and_resume(tmp_path):

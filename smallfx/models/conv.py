@@ -161,15 +161,21 @@ def _swaps_kernel_grad(w):
 
 def _onednn_fits(x, w, strides, padding):
   # A stride-1 1x1 layer is a matrix product, which XLA fuses with its elementwise
-  # neighbours (YNNPACK); a call would materialise them. One device: the partitioner
-  # would gather a sharded batch for a custom call. oneDNN takes no negative padding
-  # (a crop), and no empty operand or output.
+  # neighbours (YNNPACK); a call would materialise them. One device, or one device's
+  # part of a `shard_map`: the partitioner would gather a sharded batch for a custom
+  # call. oneDNN takes no negative padding (a crop), and no empty operand or output.
   return (ONEDNN and not (w.shape[:2] == (1, 1) and strides == (1, 1))
-          and jax.default_backend() == 'cpu' and jax.device_count() == 1
+          and jax.default_backend() == 'cpu' and _one_device_program()
           and x.dtype == w.dtype == jnp.float32 and min(min(p) for p in padding) >= 0
           and min(x.shape + w.shape) > 0
           and all(x.shape[1 + d] + sum(padding[d]) >= w.shape[d] for d in range(2))
           and onednn.available())
+
+
+def _one_device_program() -> bool:
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = not mesh.empty and all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
+  return manual or jax.device_count() == 1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

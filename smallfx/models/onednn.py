@@ -73,7 +73,13 @@ def _call(kind, out, a, b, strides, padding):
   # vmapped seeds (and their initialisation) call it once per seed: oneDNN takes
   # no second batch dimension, and the seeds' kernels differ.
   call = jax.ffi.ffi_call(TARGETS[kind], out, vmap_method='sequential_unrolled')
-  return call(a, b, **{k: np.int64(v) for k, v in geometry.items()})
+  return call(a, b, threads=np.int64(threads_per_device()),
+              **{k: np.int64(v) for k, v in geometry.items()})
+
+
+def threads_per_device() -> int:
+  """Each CPU device's share of the cores: devices run their calls side by side."""
+  return max(1, len(os.sched_getaffinity(0)) // jax.local_device_count('cpu'))
 
 
 def _lax_conv(x, w, strides, padding):
@@ -101,7 +107,7 @@ def build(rebuild: bool = False) -> pathlib.Path:
   if lib is None or header is None:
     raise RuntimeError(
         'oneDNN is not installed (pip install onednn-cpu-gomp onednn-devel-cpu-gomp)')
-  flags = ['-O2', '-std=c++17', '-shared', '-fPIC', '-w', str(SOURCE),
+  flags = ['-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w', str(SOURCE),
            f'-I{jax.ffi.include_dir()}', f'-I{header.parents[2]}', f'-L{lib.parent}',
            '-l:libdnnl.so.3', f'-Wl,-rpath,{lib.parent}']
   key = hashlib.sha256('\0'.join([

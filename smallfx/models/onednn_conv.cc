@@ -6,12 +6,13 @@
 // primitive descriptor takes longer than a small layer runs), converts the kernel
 // between HWIO and the layout oneDNN's primitive chose, and runs it.
 //
-// All of that happens on one thread of this library's own. With the GNU OpenMP
-// runtime, every thread that opens a parallel region keeps a team of its own for
-// life: calls made from XLA's worker threads would grow a pool of (cores - 1)
-// threads per worker, cores^2 threads on a large machine, contending for the
-// cores. On one thread there is one team, and calls, which each use every core,
-// run one at a time.
+// All of that happens on a thread of this library's own, one per XLA device. With
+// the GNU OpenMP runtime, every thread that opens a parallel region keeps a team of
+// its own for life: calls made from XLA's worker threads would grow a pool of
+// (cores - 1) threads per worker, cores^2 threads on a large machine, contending
+// for the cores. With one thread per device there is one team per device, of the
+// size the caller gives (its share of the cores), and a device's calls run one at
+// a time. Devices run side by side: seeds laid over CPU devices (smallfx.train).
 
 #include <condition_variable>
 #include <cstdint>
@@ -22,6 +23,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <omp.h>
 #include <string>
 #include <tuple>
 #include <thread>
@@ -82,8 +84,12 @@ class Worker {
   std::thread thread_;
 };
 
-Worker& TheWorker() {
-  static auto* worker = new Worker();
+Worker& WorkerFor(int32_t device) {
+  static auto* mutex = new std::mutex();
+  static auto* workers = new std::map<int32_t, std::unique_ptr<Worker>>();
+  std::lock_guard<std::mutex> lock(*mutex);
+  auto& worker = (*workers)[device];
+  if (!worker) worker = std::make_unique<Worker>();
   return *worker;
 }
 
@@ -105,11 +111,12 @@ struct Primitive {
 using Key = std::tuple<int64_t, memory::dims, memory::dims, memory::dims, memory::dims,
                        memory::dims, memory::dims>;
 
-// Called on the worker thread only.
+// Called on worker threads only; each keeps its own primitives, made for its
+// number of threads.
 const Primitive& Lookup(Kind kind, const memory::dims& x, const memory::dims& w,
                         const memory::dims& y, const memory::dims& strides,
                         const memory::dims& pad_lo, const memory::dims& pad_hi) {
-  static auto* cache = new std::map<Key, std::unique_ptr<Primitive>>();
+  static thread_local auto* cache = new std::map<Key, std::unique_ptr<Primitive>>();
   auto& slot = (*cache)[Key(kind, x, w, y, strides, pad_lo, pad_hi)];
   if (slot) return *slot;
 
@@ -184,10 +191,11 @@ void Execute(Kind kind, float* x, ffi::Span<const int64_t> x_dims, float* w,
 ffi::Error Run(Kind kind, float* x, ffi::Span<const int64_t> x_dims, float* w,
                ffi::Span<const int64_t> w_dims, float* y, ffi::Span<const int64_t> y_dims,
                int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
-               int64_t pad_left, int64_t pad_right) {
+               int64_t pad_left, int64_t pad_right, int32_t device, int64_t threads) {
   // No exception may cross into XLA, which would terminate the process.
   try {
-    TheWorker().Run([&] {
+    WorkerFor(device).Run([&] {
+      omp_set_num_threads(static_cast<int>(threads));
       Execute(kind, x, x_dims, w, w_dims, y, y_dims, {stride_h, stride_w},
               {pad_top, pad_left}, {pad_bottom, pad_right});
     });
@@ -205,21 +213,21 @@ using F32 = ffi::BufferR4<ffi::F32>;
 using OutF32 = ffi::ResultBufferR4<ffi::F32>;
 
 ffi::Error Forward(F32 x, F32 w, OutF32 y, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-                   int64_t pl, int64_t pr) {
+                   int64_t pl, int64_t pr, int32_t device, int64_t threads) {
   return Run(kForward, x.typed_data(), x.dimensions(), w.typed_data(), w.dimensions(),
-             y->typed_data(), y->dimensions(), sh, sw, pt, pb, pl, pr);
+             y->typed_data(), y->dimensions(), sh, sw, pt, pb, pl, pr, device, threads);
 }
 
 ffi::Error InputGrad(F32 dy, F32 w, OutF32 dx, int64_t sh, int64_t sw, int64_t pt,
-                     int64_t pb, int64_t pl, int64_t pr) {
+                     int64_t pb, int64_t pl, int64_t pr, int32_t device, int64_t threads) {
   return Run(kInputGrad, dx->typed_data(), dx->dimensions(), w.typed_data(), w.dimensions(),
-             dy.typed_data(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
+             dy.typed_data(), dy.dimensions(), sh, sw, pt, pb, pl, pr, device, threads);
 }
 
 ffi::Error KernelGrad(F32 x, F32 dy, OutF32 dw, int64_t sh, int64_t sw, int64_t pt,
-                      int64_t pb, int64_t pl, int64_t pr) {
+                      int64_t pb, int64_t pl, int64_t pr, int32_t device, int64_t threads) {
   return Run(kKernelGrad, x.typed_data(), x.dimensions(), dw->typed_data(), dw->dimensions(),
-             dy.typed_data(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
+             dy.typed_data(), dy.dimensions(), sh, sw, pt, pb, pl, pr, device, threads);
 }
 
 template <typename B>
@@ -229,7 +237,9 @@ auto Geometry(B binding) {
       .template Attr<int64_t>("pad_top")
       .template Attr<int64_t>("pad_bottom")
       .template Attr<int64_t>("pad_left")
-      .template Attr<int64_t>("pad_right");
+      .template Attr<int64_t>("pad_right")
+      .template Ctx<ffi::DeviceOrdinal>()
+      .template Attr<int64_t>("threads");
 }
 
 }  // namespace
