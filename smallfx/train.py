@@ -147,6 +147,12 @@ def make_mesh(config) -> jax.sharding.Mesh:
   if k < 1 or n % k or config.num_seeds % k:
     raise UserError(f'seed_devices={k} must divide both the device count ({n}) and '
                     f'num_seeds ({config.num_seeds})')
+  if jax.default_backend() == 'cpu' and 1 < k < n:
+    # Seeds over some CPU devices and the batch over the rest is XLA's partitioning
+    # of vmapped seeds, which gives a vmapped 1x1 convolution wrong values and
+    # gradients on XLA:CPU (jaxlib 0.10.2: ResNet-20's shortcuts; 3x3 layers agree).
+    raise UserError(f'seed_devices={k}: on CPU the seeds take all {n} devices '
+                    f'(--config.seed_devices={n}) or one (--config.seed_devices=1)')
   auto = (jax.sharding.AxisType.Auto,) * 2
   return jax.make_mesh((k, n // k), ('seed', 'data'), axis_types=auto)
 

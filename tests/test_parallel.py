@@ -117,8 +117,7 @@ print(dict(mesh.shape)['seed'], 'all-reduce' in hlo, 'SmallfxConv' in hlo, onedn
 
 
 def test_seeds_on_devices_and_resume(tmp_path):
-  args = [*ARGS, '--config.num_seeds=4', '--config.seed_devices=2',
-          '--config.resample_per_seed=True']
+  args = [*ARGS, '--config.num_seeds=4', '--config.resample_per_seed=True']
   workdir = tmp_path / 'run'
   r = run_cli('smallfx.main', *args, f'--workdir={workdir}', env=devices(4))
   assert r.returncode == 0, r.stderr
@@ -137,6 +136,19 @@ def test_seeds_on_devices_and_resume(tmp_path):
   assert second['resumed_from_step'] == 20
   np.testing.assert_allclose(second['test_accuracy_per_seed'], first['test_accuracy_per_seed'],
                              atol=2 / 535)
+  # And both match the seeds trained on one device.
+  one = tmp_path / 'one'
+  r = run_cli('smallfx.main', *args, '--config.seed_devices=1', f'--workdir={one}',
+              env=devices(1))
+  assert r.returncode == 0, r.stderr
+  np.testing.assert_allclose(results(one)['test_accuracy_per_seed'],
+                             first['test_accuracy_per_seed'], atol=2 / 535)
+
+
+def test_seeds_over_some_cpu_devices_is_refused(tmp_path):
+  r = run_cli('smallfx.main', *ARGS, '--config.num_seeds=2', '--config.seed_devices=2',
+              f'--workdir={tmp_path}', env=devices(4))
+  assert r.returncode == 2 and 'seeds take all 4 devices' in r.stderr, r.stderr
 
 
 def _free_port():
