@@ -248,9 +248,9 @@ def cpu_devices_for_seeds(config) -> None:
   if (config.num_seeds < 2 or config.seed_devices == 1 or jax.config.jax_num_cpu_devices >= 0
       or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')):
     return
-  lanes = config.seed_devices or seed_groups(config.num_seeds, len(os.sched_getaffinity(0)))
-  if lanes > 1:
-    jax.config.update('jax_num_cpu_devices', lanes)
+  groups = config.seed_devices or seed_groups(config.num_seeds, len(os.sched_getaffinity(0)))
+  if groups > 1:
+    jax.config.update('jax_num_cpu_devices', groups)
 
 
 def seed_groups(num_seeds: int, cores: int) -> int:
