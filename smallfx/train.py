@@ -141,13 +141,12 @@ def make_mesh(config) -> jax.sharding.Mesh:
   they divide evenly over them (the devices `cpu_devices_for_seeds` made), and
   every other device splits the batch.
   """
-  n = jax.device_count()
-  k = config.seed_devices or (
-      n if jax.default_backend() == 'cpu' and config.num_seeds % n == 0 else 1)
+  n, cpu = jax.device_count(), jax.default_backend() == 'cpu'
+  k = config.seed_devices or (n if cpu and config.num_seeds % n == 0 else 1)
   if k < 1 or n % k or config.num_seeds % k:
     raise UserError(f'seed_devices={k} must divide both the device count ({n}) and '
                     f'num_seeds ({config.num_seeds})')
-  if jax.default_backend() == 'cpu' and 1 < k < n:
+  if cpu and 1 < k < n:
     # Seeds over some CPU devices and the batch over the rest is XLA's partitioning
     # of vmapped seeds, which gives a vmapped 1x1 convolution wrong values and
     # gradients on XLA:CPU (jaxlib 0.10.2: ResNet-20's shortcuts; 3x3 layers agree).
@@ -218,6 +217,11 @@ def _after(x, previous):
 def unroll_seeds(mesh) -> bool:
   """On CPU, unless seeds and batch are both split over devices (then vmapped, as SPMD)."""
   return jax.default_backend() == 'cpu' and 1 in (mesh.shape['seed'], mesh.shape['data'])
+
+
+def runs_side_by_side(mesh, unroll: bool) -> bool:
+  """Whether unrolled seeds lie over several devices: each then runs its own (`side_by_side`)."""
+  return unroll and mesh.shape['seed'] > 1
 
 
 def side_by_side(fn: Callable, mesh, in_specs) -> Callable:
@@ -292,7 +296,7 @@ def make_train_step(setup: Setup, num_classes: int, mean, std, mesh=None,
                                         learning_rate=setup.learning_rate), unroll,
                       in_a_row=1 if in_a_row else None)(state, x, y)
 
-  if unroll and mesh.shape['seed'] > 1:
+  if runs_side_by_side(mesh, unroll):
     data_spec = state_sharding.spec if per_seed_data else replicated.spec
     step = side_by_side(step, mesh, (state_sharding.spec, data_spec, data_spec))
 
@@ -393,7 +397,7 @@ def make_eval_step(setup: Setup, num_classes: int, mean, std, mesh=None):
 
   unroll = unroll_seeds(mesh)
   per_seed = lambda state, *batch: over_seeds(lambda st: step(st, *batch), unroll)(state)
-  if unroll and mesh.shape['seed'] > 1:
+  if runs_side_by_side(mesh, unroll):
     # With the seeds over every device, each device takes the whole batch.
     per_seed = side_by_side(per_seed, mesh, (state_sharding.spec, *[replicated.spec] * 3))
   jitted = jax.jit(per_seed,
