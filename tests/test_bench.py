@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +27,25 @@ def test_bench_quick_cnn(tmp_path):
     assert r['peak_memory_mb'] > 0, name
   assert case['results']['smallfx']['xla_flops_per_step'] > 0
   assert case['results']['smallfx']['ratio_vs_torch'] > 0
+
+
+def test_bench_seeds_run_side_by_side_as_the_training_loop_does(tmp_path):
+  """On a CPU the K-seed step runs in a child process with one device per group of seeds."""
+  out = tmp_path / 'bench.json'
+  subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench.py'), '--quick',
+                  '--cases', 'seeds', '--seeds', '1,2', '--repeats', '1', '--steps', '2',
+                  '--train-size', '64', '--no-torch', '--json', str(out)],
+                 check=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
+  (case,) = json.loads(out.read_text())['cases']
+  one, two = case['by_k']['1']['vmapped'], case['by_k']['2']['vmapped']
+  assert one['seed_devices'] == 1
+  assert two['seed_devices'] == min(2, len(os.sched_getaffinity(0)))
+  # Two seeds are twice one seed's maths, whichever devices run them.
+  assert two['flops_per_step'] == pytest.approx(2 * one['flops_per_step'], rel=1e-3)
+  for k in ('1', '2'):
+    for name, r in case['by_k'][k].items():
+      assert r['total_seconds'] > 0 and r['peak_memory_mb'] > 0, (k, name)
+      assert np.isfinite(r['final_loss']), (k, name)
 
 
 def test_seed_layout_and_seed_runs_tools_run():

@@ -25,6 +25,11 @@ Cases:
   seeds     K seeds (K in --seeds): smallfx's K-seed step (one program: vmapped on
             GPU, unrolled in a row on CPU; JSON key 'vmapped') against K
             sequential smallfx runs and K sequential PyTorch runs (same total work).
+            On a CPU the K-seed step runs as `python -m smallfx.main` runs it: with
+            its seeds side by side on one CPU device per group of seeds
+            (`smallfx.train.cpu_devices_for_seeds`), in a process of its own that
+            this one drives step by step (`seed_devices` in the JSON); the single
+            runs and PyTorch stay here, on one device with every core.
 
 `--ref REF` also times the smallfx of git revision REF (extracted to a temporary
 package) in the same rounds: before/after figures from one run.
@@ -92,6 +97,7 @@ def parse_args(argv=None):
   p.add_argument('--threads', type=int, default=0, help='torch threads (default: cores)')
   p.add_argument('--ref', default='', help='also time smallfx at this git revision')
   p.add_argument('--no-torch', action='store_true')
+  p.add_argument('--serve-seeds', type=int, default=0, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   args.repeats = args.repeats or (2 if args.quick else 5)
   args.train_size = args.train_size or (256 if args.quick else 5000)
@@ -448,7 +454,7 @@ def time_rounds(runners, steps, repeats, rss=True):
     for name, runner in runners.items():
       first = r == 0
       if first:
-        before = rss_mb()
+        before = getattr(runner, 'rss_mb', rss_mb)()
         runner.reset_peak()
       t = time.perf_counter()
       runner.run(steps)
@@ -560,6 +566,84 @@ class Sequential:
     return self.runs[0].peak_memory_mb()
 
 
+class SideBySide:
+  """The K-seed step in a process of its own, laid out as `smallfx.main` lays it out on CPU.
+
+  A run of K seeds gets one CPU device per group of seeds before JAX starts, which
+  this process, whose single runs and PyTorch use one device and every core,
+  cannot have too. The child (`--serve-seeds K`) builds the same `SmallfxRun` and
+  answers one line of JSON per request; this side times `run` around the request,
+  while it waits, so rounds still interleave with the other runners.
+  """
+
+  def __init__(self, args, k):
+    cmd = [sys.executable, os.path.abspath(__file__), '--serve-seeds', str(k), '--seeds-model',
+           args.seeds_model, '--train-size', str(args.train_size)]
+    self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+    ready = self._reply()
+    self.seed_devices = ready['devices']
+    self.compile_seconds = ready['compile_seconds']
+    self.flops_per_step = ready['flops_per_step']
+
+  def _reply(self):
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'the side-by-side seeds process ended (exit {self.proc.wait()})')
+    return json.loads(line)
+
+  def _ask(self, *words):
+    self.proc.stdin.write(' '.join(map(str, words)) + '\n')
+    self.proc.stdin.flush()
+    return self._reply()
+
+  def run(self, steps):
+    self._ask('run', steps)
+
+  def loss(self):
+    return self._ask('loss')
+
+  def reset_peak(self):
+    return self._ask('reset_peak')
+
+  def peak_memory_mb(self):
+    return self._ask('peak')
+
+  def rss_mb(self):
+    return self._ask('rss')
+
+  def close(self):
+    with contextlib.suppress(OSError, ValueError):
+      self.proc.stdin.close()
+    try:
+      self.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+
+
+def serve_seeds(args):
+  """The child of `SideBySide`: K seeds on the devices `smallfx.main` would give them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from smallfx import config as config_mod  # pylint: disable=g-import-not-at-top
+  from smallfx import train as train_mod  # pylint: disable=g-import-not-at-top
+  k = args.serve_seeds
+  config = config_mod.default()
+  config.num_seeds = k
+  train_mod.cpu_devices_for_seeds(config)
+  model, shape, batch, _, _ = CASES[args.seeds_model]
+  images, labels = data(shape, args.train_size)
+  run = SmallfxRun(train_mod, config_mod, model, shape, batch, k, images, labels, 'cpu')
+  warm(run)
+  answers = {'run': lambda n: run.run(int(n)), 'loss': run.loss, 'reset_peak': run.reset_peak,
+             'peak': run.peak_memory_mb, 'rss': rss_mb}
+  # The cost analysis of a side-by-side program counts one device's part of it.
+  print(json.dumps({'devices': jax.device_count(), 'compile_seconds': run.compile_seconds,
+                    'flops_per_step': run.flops_per_step * jax.device_count()}), flush=True)
+  for line in sys.stdin:
+    what, *rest = line.split()
+    print(json.dumps(answers[what](*rest)), flush=True)
+
+
 def bench_seeds(args, impls, torch_device):
   model, shape, batch, steps, quick_steps = CASES[args.seeds_model]
   steps = args.steps or (quick_steps if args.quick else max(4, steps // 5))
@@ -569,9 +653,13 @@ def bench_seeds(args, impls, torch_device):
          'steps_per_round': steps, 'rounds': args.repeats, 'train_size': args.train_size,
          'by_k': {}}
   torch_cl = None
+  side_by_side = args.platform == 'cpu' and hasattr(train_mod, 'cpu_devices_for_seeds')
   for k in args.seeds:
-    vmapped = SmallfxRun(train_mod, config_mod, model, shape, batch, k, images, labels,
-                         args.platform)
+    if side_by_side and train_mod.seed_groups(k, cores()) > 1:
+      vmapped = SideBySide(args, k)
+    else:
+      vmapped = SmallfxRun(train_mod, config_mod, model, shape, batch, k, images, labels,
+                           args.platform)
     # K sequential runs share one compiled single-seed step, like K launches of a
     # script would share the persistent compilation cache.
     single = [SmallfxRun(train_mod, config_mod, model, shape, batch, 1, images, labels,
@@ -596,15 +684,20 @@ def bench_seeds(args, impls, torch_device):
           TorchRun(model, shape, batch, images, labels, torch_device, torch_cl, seed=s)
           for s in range(k)])
       warm(runners['torch'])
-    times, peak, growth = time_rounds(runners, steps, args.repeats, args.platform == 'cpu')
-    res = {}
-    for name, run in runners.items():
-      tt = sorted(times[name])
-      res[name] = {'total_seconds': float(np.median(tt)), 'total_seconds_min': tt[0],
-                   'total_seconds_max': tt[-1],
-                   'images_per_sec': float(np.median([steps * batch * k / t for t in tt])),
-                   'peak_memory_mb': peak[name], 'rss_growth_mb': growth[name],
-                   'final_loss': run.loss()}
+    try:
+      times, peak, growth = time_rounds(runners, steps, args.repeats, args.platform == 'cpu')
+      res = {}
+      for name, run in runners.items():
+        tt = sorted(times[name])
+        res[name] = {'total_seconds': float(np.median(tt)), 'total_seconds_min': tt[0],
+                     'total_seconds_max': tt[-1],
+                     'images_per_sec': float(np.median([steps * batch * k / t for t in tt])),
+                     'peak_memory_mb': peak[name], 'rss_growth_mb': growth[name],
+                     'final_loss': run.loss()}
+    finally:
+      if isinstance(vmapped, SideBySide):
+        vmapped.close()
+    res['vmapped']['seed_devices'] = getattr(vmapped, 'seed_devices', 1)
     if 'ref_vmapped' in res:
       rf = sorted(r / v for v, r in zip(times['vmapped'], times['ref_vmapped']))
       res['vmapped']['speedup_vs_ref'] = [float(np.median(rf)), rf[0], rf[-1]]
@@ -646,7 +739,8 @@ def fmt_seeds(r):
   for k, res in r['by_k'].items():
     v = res['vmapped']
     m, lo, hi = v['time_vs_sequential']
-    line = (f"  K={k}: one program {v['total_seconds']:.2f}s, sequential "
+    where = f" on {v['seed_devices']} devices" if v.get('seed_devices', 1) > 1 else ''
+    line = (f"  K={k}: one program{where} {v['total_seconds']:.2f}s, sequential "
             f"{res['sequential']['total_seconds']:.2f}s (one program/sequential {m:.2f} "
             f"[{lo:.2f}-{hi:.2f}])")
     if 'torch' in res:
@@ -688,6 +782,8 @@ def main(argv=None):
   # On GPU the host CPU backend too: it counts the FLOPs (host_flops).
   os.environ.setdefault('JAX_PLATFORMS', 'cuda,cpu' if args.platform == 'gpu' else 'cpu')
   sys.path.insert(0, ROOT)
+  if args.serve_seeds:
+    return serve_seeds(args)
   import jax  # pylint: disable=g-import-not-at-top
   from smallfx import config as config_mod  # pylint: disable=g-import-not-at-top
   from smallfx import train as train_mod  # pylint: disable=g-import-not-at-top

@@ -6,13 +6,16 @@
 // primitive descriptor takes longer than a small layer runs), converts the kernel
 // between HWIO and the layout oneDNN's primitive chose, and runs it.
 //
-// All of that happens on a thread of this library's own, one per XLA device. With
-// the GNU OpenMP runtime, every thread that opens a parallel region keeps a team of
-// its own for life: calls made from XLA's worker threads would grow a pool of
-// (cores - 1) threads per worker, cores^2 threads on a large machine, contending
-// for the cores. With one thread per device there is one team per device, of the
-// size the caller gives (its share of the cores), and a device's calls run one at
-// a time. Devices run side by side: seeds laid over CPU devices (smallfx.train).
+// A call given several threads runs on a thread of this library's own, one per XLA
+// device. With the GNU OpenMP runtime, every thread that opens a parallel region
+// keeps a team of its own for life: calls made from XLA's worker threads would grow
+// a pool of (cores - 1) threads per worker, cores^2 threads on a large machine,
+// contending for the cores. With one thread per device there is one team per
+// device, of the size the caller gives (its share of the cores), and a device's
+// calls run one at a time. Devices run side by side: seeds laid over CPU devices
+// (smallfx.train). A call given one thread needs no team, so it runs on XLA's
+// calling thread: handing it to another thread and back cost 8 SmallCNN seeds on 2
+// devices of 2 cores x1.1 in step time (experiments/bench/README.md, change 13).
 
 #include <condition_variable>
 #include <cstdint>
@@ -111,8 +114,8 @@ struct Primitive {
 using Key = std::tuple<int64_t, memory::dims, memory::dims, memory::dims, memory::dims,
                        memory::dims, memory::dims>;
 
-// Called on worker threads only; each keeps its own primitives, made for its
-// number of threads.
+// Each calling thread (a worker, or an XLA thread for one-thread calls) keeps its
+// own primitives, made for its number of threads.
 const Primitive& Lookup(Kind kind, const memory::dims& x, const memory::dims& w,
                         const memory::dims& y, const memory::dims& strides,
                         const memory::dims& pad_lo, const memory::dims& pad_hi) {
@@ -194,11 +197,16 @@ ffi::Error Run(Kind kind, float* x, ffi::Span<const int64_t> x_dims, float* w,
                int64_t pad_left, int64_t pad_right, int32_t device, int64_t threads) {
   // No exception may cross into XLA, which would terminate the process.
   try {
-    WorkerFor(device).Run([&] {
+    auto call = [&] {
       omp_set_num_threads(static_cast<int>(threads));
       Execute(kind, x, x_dims, w, w_dims, y, y_dims, {stride_h, stride_w},
               {pad_top, pad_left}, {pad_bottom, pad_right});
-    });
+    };
+    if (threads == 1) {
+      call();
+    } else {
+      WorkerFor(device).Run(call);
+    }
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
   } catch (const std::exception& e) {
