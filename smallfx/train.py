@@ -230,10 +230,12 @@ def side_by_side(fn: Callable, mesh, in_specs) -> Callable:
   Used on CPU, where `cpu_devices_for_seeds` gave each group of seeds a device: the
   devices run their parts at once, each on its share of the cores, as separate
   processes would. Within one device a second core does little for a small step's
-  many short fusions. 8 SmallCNN seeds at batch 32, 2-core EPYC, same hour: 59-65
-  ms a step over 2 devices against 89-90 ms on one (experiments/bench/README.md,
-  "Seeds"). The metrics' gather at the end of the step stays: without it the step
-  ran x1.3 slower.
+  many short fusions. 8 SmallCNN seeds at batch 32, 2-core EPYC: 59-65 ms a step
+  over 2 devices against 89-90 ms on one, same hour; 46-55 ms since oneDNN calls
+  given one thread run on XLA's own (experiments/bench/README.md, changes 12-13).
+  The metrics' gather at the end of the step stays: without it the step ran as
+  fast with one step in flight ahead, as the training loop runs, and x1.3 slower
+  with many queued.
   """
   P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P('seed'), check_vma=False)

@@ -220,6 +220,9 @@ class SmallfxRun:
       self.state, self.images, self.labels = state, jax.device_put(images), jax.device_put(
           labels)
     self.device = jax.devices(platform_name)[0]
+    # As the training loop does (smallfx.train.train_and_evaluate): with several CPU
+    # devices, at most two steps in flight, or their collectives can stall.
+    self.one_ahead = self.device.platform == 'cpu' and jax.local_device_count() > 1
     lowered = self.step.lower(self.state, self.images, self.labels)
     t = time.perf_counter()
     compiled = lowered.compile()
@@ -238,9 +241,12 @@ class SmallfxRun:
     self.metrics = None
 
   def run(self, steps):
-    state = self.state
+    state, previous = self.state, None
     for _ in range(steps):
       state, self.metrics = self.step(state, self.images, self.labels)
+      if self.one_ahead and previous is not None:
+        self.jax.block_until_ready(previous)
+      previous = self.metrics
     self.jax.block_until_ready((state, self.metrics))
     self.state = state
 
@@ -646,7 +652,7 @@ def serve_seeds(args):
 
 def bench_seeds(args, impls, torch_device):
   model, shape, batch, steps, quick_steps = CASES[args.seeds_model]
-  steps = args.steps or (quick_steps if args.quick else max(4, steps // 5))
+  steps = args.steps or (quick_steps if args.quick else max(4, steps // 2))
   images, labels = data(shape, args.train_size)
   train_mod, config_mod = impls['smallfx']
   out = {'case': 'seeds', 'model': model, 'image_shape': list(shape), 'batch_size': batch,
