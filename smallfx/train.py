@@ -233,9 +233,9 @@ def side_by_side(fn: Callable, mesh, in_specs) -> Callable:
   many short fusions. 8 SmallCNN seeds at batch 32, 2-core EPYC: 59-65 ms a step
   over 2 devices against 89-90 ms on one, same hour; 46-55 ms since oneDNN calls
   given one thread run on XLA's own (experiments/bench/README.md, changes 12-13).
-  The metrics' gather at the end of the step stays: without it the step ran as
-  fast with one step in flight ahead, as the training loop runs, and x1.3 slower
-  with many queued.
+  The metrics' gather at the end of the step stays, so that every process can read
+  them: without it the step ran within noise (perhaps a few percent faster) with one
+  step in flight ahead, as the training loop runs, and x1.3 slower with many queued.
   """
   P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P('seed'), check_vma=False)
