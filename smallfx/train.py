@@ -21,6 +21,7 @@ import flax
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -186,7 +187,8 @@ def over_seeds(fn: Callable, unroll: bool, in_a_row: int | None = None) -> Calla
   row 76 ms, against 66 ms for 8 separate single-seed steps. With oneDNN
   convolutions: in a row 72.7 ms, `lax.map` over seeds 103.5 ms (it compiles one
   seed's step, 3.3 against 7.1 s, but inside the loop XLA recomputes the first
-  layer in each of its consumers).
+  layer in each of its consumers). With the seeds over several CPU devices the
+  training loop gives each device one seed per call instead (`seed_rounds`).
   """
   if not unroll:
     return jax.vmap(fn)
@@ -233,12 +235,98 @@ def side_by_side(fn: Callable, mesh, in_specs) -> Callable:
   many short fusions. 8 SmallCNN seeds at batch 32, 2-core EPYC: 59-65 ms a step
   over 2 devices against 89-90 ms on one, same hour; 46-55 ms since oneDNN calls
   given one thread run on XLA's own (experiments/bench/README.md, changes 12-13).
-  The metrics' gather at the end of the step stays, so that every process can read
-  them: without it the step ran within noise (perhaps a few percent faster) with one
-  step in flight ahead, as the training loop runs, and x1.3 slower with many queued.
+  The training loop calls it with one seed per device (`seed_rounds`). Every output,
+  the metrics too, stays on the device of its seeds (`metrics_sharding`).
   """
   P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P('seed'), check_vma=False)
+
+
+def seed_rounds(mesh, num_seeds: int) -> int:
+  """How many calls of the train step make one step of every seed.
+
+  When seeds run side by side on D CPU devices, a step of K seeds is K/D calls of
+  one program that trains one seed on each device (`split_seeds` lays the state out
+  so). One program with all K/D of a device's seeds unrolled was slower and took
+  longer to compile: 8 SmallCNN seeds on 2 devices, paired rounds, 0.87x
+  [0.79-0.92] the step time, and 5.5 s against 11.2 s to compile (half-speed 2-core
+  EPYC, experiments/bench/README.md, change 14). Elsewhere 1: all seeds in one call.
+  """
+  return num_seeds // mesh.shape['seed'] if runs_side_by_side(mesh, unroll_seeds(mesh)) else 1
+
+
+def split_seeds(tree, rounds: int, mesh) -> list:
+  """`tree` (leading seed axis, laid out over 'seed') as `rounds` trees of one seed per device.
+
+  Device d holds seeds d*K/D to (d+1)*K/D - 1; round r takes the r-th of each, so no
+  seed leaves its device. `join_seeds` puts them back.
+  """
+  return [tree] if rounds == 1 else _split(tree, rounds, mesh)
+
+
+def join_seeds(parts: list, mesh):
+  """The inverse of `split_seeds`: one tree with every seed, in seed order."""
+  return parts[0] if len(parts) == 1 else _join(parts, mesh)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _split(tree, rounds, mesh):
+  sharding, d = _shardings(mesh)[0], mesh.shape['seed']
+  cut = lambda a, r: jax.lax.with_sharding_constraint(
+      a.reshape(d, rounds, *a.shape[1:])[:, r], sharding)
+  return [jax.tree.map(lambda a, r=r: cut(a, r), tree) for r in range(rounds)]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _join(parts, mesh):
+  sharding = _shardings(mesh)[0]
+  return jax.tree.map(lambda *xs: jax.lax.with_sharding_constraint(
+      jnp.stack(xs, 1).reshape(-1, *xs[0].shape[1:]), sharding), *parts)
+
+
+@jax.jit
+def window_metrics(calls: list[list[dict]]) -> dict:
+  """A logging window's metrics as one array per name, (steps, seeds) in seed order.
+
+  `calls` holds, for each call of the loop, its rounds' metrics: each (D,) for one
+  step, or (n, D) for a chunk of n steps. Stacked on the device and copied once: one
+  copy per array, round and step cost ~90 ms per window of 50 steps in 4 rounds on 2
+  CPU devices, stacked 2.4 ms. Seed d*K/D + r is device d's in round r (`split_seeds`),
+  so (steps, D, rounds) reshaped to (steps, K) is in seed order.
+  """
+  def one(name):
+    per_call = [jnp.stack([r[name].reshape(-1, r[name].shape[-1]) for r in rounds], -1)
+                for rounds in calls]
+    steps = jnp.concatenate(per_call)  # (steps, D, rounds)
+    return steps.reshape(len(steps), -1)
+
+  return {name: one(name) for name in calls[0][0]}
+
+
+def metrics_sharding(mesh, steps: int = 1) -> jax.sharding.NamedSharding:
+  """Where a train step leaves its metrics: per seed, on the devices of that seed.
+
+  Gathering them to every device in the step costs an all-gather per metric per
+  step, each a rendezvous of the devices, which a step of seeds side by side on CPU
+  devices otherwise never needs (8 SmallCNN seeds on 2 devices: ~3.7 of a device's
+  45.7 ms in a trace; 0.98x [0.93-1.03] the step time without them, paired rounds;
+  experiments/bench/README.md, changes 13-14). The host reads them once per logging
+  window instead (`window_metrics`, `fetch`). A chunk of `steps` steps puts its steps
+  first.
+  """
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  return jax.sharding.NamedSharding(mesh, P('seed') if steps == 1 else P(None, 'seed'))
+
+
+def fetch(tree):
+  """Host copies of arrays laid out over the mesh, wherever their devices are.
+
+  An array spread over the devices of several processes is gathered first, so that
+  every process reads the same values.
+  """
+  if jax.process_count() > 1:
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 def cpu_devices_for_seeds(config) -> None:
@@ -271,7 +359,8 @@ def make_train_step(setup: Setup, num_classes: int, mean, std, mesh=None,
 
   Seeds are vmapped, or on CPU unrolled (`unroll`, see `unroll_seeds`), one after
   another unless `in_a_row=False` (see `over_seeds`); with several CPU devices along
-  the seeds, each runs its own seeds so, side by side (`side_by_side`). With
+  the seeds, each runs its own seeds so, side by side (`side_by_side`; the
+  training loop hands it one seed per device, `seed_rounds`). With
   `steps` > 1 one call runs that many steps under `lax.scan`, and every metric gets
   a leading axis of `steps` (see `steps_per_dispatch`).
 
@@ -307,7 +396,7 @@ def make_train_step(setup: Setup, num_classes: int, mean, std, mesh=None,
 
   return jax.jit(step if steps == 1 else several, donate_argnums=0,
                  in_shardings=(state_sharding, data_sharding, data_sharding),
-                 out_shardings=(state_sharding, replicated),
+                 out_shardings=(state_sharding, metrics_sharding(mesh, steps)),
                  compiler_options=compiler_options(mesh))
 
 
@@ -382,7 +471,11 @@ def _cpu_options_accepted() -> bool:
 
 
 def make_eval_step(setup: Setup, num_classes: int, mean, std, mesh=None):
-  """(state, images_u8, labels, mask) -> per-seed sums and probabilities."""
+  """(parts, images_u8, labels, mask) -> per-part, per-seed sums and probabilities.
+
+  `parts` is the state as the train step takes it (`split_seeds`): evaluation
+  runs in the same rounds, so one compiled program serves each.
+  """
   mesh = mesh or jax.make_mesh((1, 1), ('seed', 'data'), (jax.sharding.AxisType.Auto,) * 2)
   state_sharding, _, replicated = _shardings(mesh)
   P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
@@ -406,17 +499,20 @@ def make_eval_step(setup: Setup, num_classes: int, mean, std, mesh=None):
                    in_shardings=(state_sharding, examples, examples, examples),
                    out_shardings=replicated)
 
-  def run(state, *host_arrays):
+  def run(parts, *host_arrays):
     # Every process holds the same host batch; each device takes its slice of it
     # (the one way to feed numpy data to devices that span several processes).
-    return jitted(state, *(jax.make_array_from_callback(a.shape, examples, lambda i, a=a: a[i])
-                           for a in host_arrays))
+    batch = [jax.make_array_from_callback(a.shape, examples, lambda i, a=a: a[i])
+             for a in host_arrays]
+    return [jitted(part, *batch) for part in parts]
 
   return run
 
 
-def evaluate(eval_step, state, split: data_lib.Split, batch_size: int) -> dict:
+def evaluate(eval_step, parts: list, split: data_lib.Split, batch_size: int) -> dict:
   """Accuracy and loss of every seed, and of their ensemble (averaged probabilities).
+
+  `parts`: the state as `split_seeds` lays it out ([state] for all seeds in one call).
 
   The last batch is padded to the full batch size and masked, so one compiled
   function serves every batch.
@@ -434,10 +530,13 @@ def evaluate(eval_step, state, split: data_lib.Split, batch_size: int) -> dict:
     mask = np.concatenate([np.ones(len(y), np.float32), np.zeros(pad, np.float32)])
     x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
     y = np.concatenate([y, np.zeros(pad, y.dtype)])
-    sums, probs = eval_step(state, x, y, mask)
-    sums = jax.device_get(sums)
+    outs = eval_step(parts, x, y, mask)
+    rounds = jax.device_get([sums for sums, _ in outs])
+    # (D,) per round: seed d*K/D + r is device d's in round r (`split_seeds`).
+    sums = {k: np.stack([r[k] for r in rounds], -1).reshape(-1) for k in rounds[0]}
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    ensemble = np.argmax(np.asarray(probs).mean(0), -1)
+    # The ensemble's argmax needs the sum of the seeds' probabilities, in any order.
+    ensemble = np.argmax(sum(np.asarray(probs).sum(0) for _, probs in outs), -1)
     correct_ensemble += int(((ensemble == y) * mask).sum())
   accuracy = totals['correct'] / n
   return {'accuracy': float(accuracy.mean()), 'loss': float((totals['loss'] / n).mean()),
@@ -660,6 +759,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     images_dev = jax.device_put(dataset.train.images, replicated)
     labels_dev = jax.device_put(dataset.train.labels, replicated)
+  # The state (and per-seed data) as `rounds` parts, each one call of the step.
+  rounds = seed_rounds(mesh, config.num_seeds)
+  parts = split_seeds(state, rounds, mesh)
+  data_parts = (split_seeds((images_dev, labels_dev), rounds, mesh) if config.resample_per_seed
+                else [(images_dev, labels_dev)] * rounds)
   writer = metrics_lib.Writer(workdir, resume_step=start)
   images_per_step = setup.batch_size * config.num_seeds
 
@@ -688,10 +792,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # `chunk` steps per call where they fit before the next log, evaluation or
     # checkpoint (see steps_per_dispatch), single steps otherwise.
     n = chunk if chunk > 1 and step + chunk <= next_stop(step) else 1
-    state, m = (train_steps if n > 1 else train_step)(state, images_dev, labels_dev)
+    ms = []
+    for r in range(rounds):
+      parts[r], m = (train_steps if n > 1 else train_step)(parts[r], *data_parts[r])
+      ms.append(m)
     if one_ahead and pending:
       jax.block_until_ready(pending[-1][1])
-    pending.append((n, m))
+    pending.append((n, ms))
     step += n
     bar.update(n)
     log_now = step % config.log_every_steps == 0 or step == setup.total_steps
@@ -701,9 +808,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not (log_now or save_now or eval_now):
       continue
     # The one host sync per window: earlier steps were dispatched without waiting.
-    # Per step; a chunk's metrics carry a leading axis of its n steps.
-    window = [w if n == 1 else {k: v[i] for k, v in w.items()}
-              for n, w in jax.device_get(pending) for i in range(n)]
+    per_name = fetch(window_metrics([ms for _, ms in pending]))
+    window = [{k: v[i] for k, v in per_name.items()} for i in range(sum(n for n, _ in pending))]
     elapsed = time.perf_counter() - window_start
     for offset, w in enumerate(window):
       # A finite loss with an infinite gradient already poisons the parameters.
@@ -725,20 +831,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     scalars['train/images_per_sec'] = rate
     pending = []
     if eval_now and len(dataset.val.labels):
-      val = evaluate(eval_step, state, dataset.val, config.eval_batch_size)
+      val = evaluate(eval_step, parts, dataset.val, config.eval_batch_size)
       scalars['val/accuracy'], scalars['val/loss'] = val['accuracy'], val['loss']
     writer.write(step, scalars)
     bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
                     val_acc=f"{val['accuracy']:.3f}" if val else '-')
     if save_now:
-      mngr.save(step, args=ocp.args.StandardSave(state))
+      mngr.save(step, args=ocp.args.StandardSave(join_seeds(parts, mesh)))
     window_start = time.perf_counter()
   bar.close()
   mngr.wait_until_finished()
   mngr.close()
   wall = time.perf_counter() - t0
 
-  test = evaluate(eval_step, state, dataset.test, config.eval_batch_size)
+  test = evaluate(eval_step, parts, dataset.test, config.eval_batch_size)
   writer.write(step, {'test/accuracy': test['accuracy'], 'test/loss': test['loss']})
   writer.close()
   features = None

@@ -116,6 +116,31 @@ print(dict(mesh.shape)['seed'], 'all-reduce' in hlo, 'SmallfxConv' in hlo, onedn
   assert onednn_calls == onednn_here  # wherever oneDNN works, each device calls it
 
 
+def test_seed_rounds_keep_each_seed_on_its_device():
+  """8 seeds on 4 CPU devices: 2 calls a step, each with one seed per device, no copies."""
+  code = '''
+import jax, jax.numpy as jnp, numpy as np
+from smallfx import config as base, train
+c = base.default(); c.num_seeds = 8
+mesh = train.make_mesh(c)
+rounds = train.seed_rounds(mesh, 8)
+tree = {'w': jnp.arange(8 * 3.0).reshape(8, 3), 'step': jnp.arange(8)}
+tree = jax.device_put(tree, train._shardings(mesh)[0])
+parts = train.split_seeds(tree, rounds, mesh)
+home = {int(s): sh.device for sh in tree['step'].addressable_shards for s in np.asarray(sh.data)}
+moved = [int(s) for p in parts for sh in p['step'].addressable_shards
+         for s in np.asarray(sh.data) if sh.device != home[int(s)]]
+back = train.join_seeds(parts, mesh)
+same = all(np.array_equal(back[k], tree[k]) for k in tree) and back['w'].sharding == tree['w'].sharding
+order = train.window_metrics([[{'loss': p['step']} for p in parts]])['loss']
+print(rounds, [np.asarray(p['step']).tolist() for p in parts], moved, same, order.tolist()[0])
+'''
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, **devices(4)), timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split('\n')[0] == '2 [[0, 2, 4, 6], [1, 3, 5, 7]] [] True [0, 1, 2, 3, 4, 5, 6, 7]'
+
+
 def test_seeds_on_devices_and_resume(tmp_path):
   args = [*ARGS, '--config.num_seeds=4', '--config.resample_per_seed=True']
   workdir = tmp_path / 'run'

@@ -98,8 +98,8 @@ def test_evaluate_pads_last_batch_and_counts_every_image():
   config = small_config(num_seeds=2)
   ds, setup, state = _setup(config)
   ev = train.make_eval_step(setup, ds.num_classes, 0.5, 0.25)
-  full = train.evaluate(ev, state, ds.test, batch_size=len(ds.test.labels))
-  chunked = train.evaluate(ev, state, ds.test, batch_size=64)  # 535 = 8 * 64 + 23
+  full = train.evaluate(ev, [state], ds.test, batch_size=len(ds.test.labels))
+  chunked = train.evaluate(ev, [state], ds.test, batch_size=64)  # 535 = 8 * 64 + 23
   np.testing.assert_allclose(chunked['accuracy_per_seed'], full['accuracy_per_seed'])
   np.testing.assert_allclose(chunked['loss_per_seed'], full['loss_per_seed'], rtol=1e-5)
   assert chunked['ensemble_accuracy'] == full['ensemble_accuracy']

@@ -22,14 +22,15 @@ Cases:
   resnet20  CIFAR ResNet-20 on 32x32x3, batch 128.
   resnet56  the same at depth 56 (only when named in --cases).
   cnn       SmallCNN (conv32-pool-conv64-pool-dense128) on 28x28x1, batch 32.
-  seeds     K seeds (K in --seeds): smallfx's K-seed step (one program: vmapped on
-            GPU, unrolled in a row on CPU; JSON key 'vmapped') against K
-            sequential smallfx runs and K sequential PyTorch runs (same total work).
-            On a CPU the K-seed step runs as `python -m smallfx.main` runs it: with
-            its seeds side by side on one CPU device per group of seeds
-            (`smallfx.train.cpu_devices_for_seeds`), in a process of its own that
-            this one drives step by step (`seed_devices` in the JSON); the single
-            runs and PyTorch stay here, on one device with every core.
+  seeds     K seeds (K in --seeds): smallfx's K-seed step (JSON key 'vmapped': one
+            vmapped program on GPU) against K sequential smallfx runs and K
+            sequential PyTorch runs (same total work). On a CPU the K-seed step
+            runs as `python -m smallfx.main` runs it: its seeds side by side on one
+            CPU device per group of seeds (`smallfx.train.cpu_devices_for_seeds`),
+            one seed per device in each of the step's calls
+            (`smallfx.train.seed_rounds`), in a process of its own that this one
+            drives step by step (`seed_devices` in the JSON); the single runs and
+            PyTorch stay here, on one device with every core.
 
 `--ref REF` also times the smallfx of git revision REF (extracted to a temporary
 package) in the same rounds: before/after figures from one run.
@@ -212,12 +213,15 @@ class SmallfxRun:
       mesh = train_mod.make_mesh(c)
       state_sharding, _, replicated = train_mod._shardings(mesh)  # pylint: disable=protected-access
       self.step = train_mod.make_train_step(setup, NUM_CLASSES, mean, std, mesh)
-      self.state = jax.device_put(state, state_sharding)
+      state = jax.device_put(state, state_sharding)
+      # As many calls per step as the training loop makes (seeds side by side on CPU).
+      rounds = train_mod.seed_rounds(mesh, num_seeds) if hasattr(train_mod, 'seed_rounds') else 1
+      self.parts = train_mod.split_seeds(state, rounds, mesh) if rounds > 1 else [state]
       self.images = jax.device_put(images, replicated)
       self.labels = jax.device_put(labels, replicated)
     else:
       self.step = train_mod.make_train_step(setup, NUM_CLASSES, mean, std)
-      self.state, self.images, self.labels = state, jax.device_put(images), jax.device_put(
+      self.parts, self.images, self.labels = [state], jax.device_put(images), jax.device_put(
           labels)
     self.device = jax.devices(platform_name)[0]
     # As the training loop does (smallfx.train.train_and_evaluate): with several CPU
@@ -233,25 +237,32 @@ class SmallfxRun:
       # The model's maths, counted with every convolution in XLA's hands.
       counted = self.make_step(mesh).lower(self.state, self.images, self.labels) if switched \
           else lowered
-      self.flops_per_step = flops(counted) or host_flops(
-          self.make_step, (self.state, self.images, self.labels))
+      self.flops_per_step = len(self.parts) * (flops(counted) or host_flops(
+          self.make_step, (self.state, self.images, self.labels)))
     mem = compiled.memory_analysis()
     self.step_bytes = mem and (mem.argument_size_in_bytes + mem.output_size_in_bytes -
                                mem.alias_size_in_bytes + mem.temp_size_in_bytes)
     self.metrics = None
 
+  @property
+  def state(self):
+    """The state one call of the step takes."""
+    return self.parts[0]
+
   def run(self, steps):
-    state, previous = self.state, None
+    previous = None
     for _ in range(steps):
-      state, self.metrics = self.step(state, self.images, self.labels)
+      metrics = []
+      for i, part in enumerate(self.parts):
+        self.parts[i], m = self.step(part, self.images, self.labels)
+        metrics.append(m)
       if self.one_ahead and previous is not None:
         self.jax.block_until_ready(previous)
-      previous = self.metrics
-    self.jax.block_until_ready((state, self.metrics))
-    self.state = state
+      previous = self.metrics = metrics
+    self.jax.block_until_ready((self.parts, self.metrics))
 
   def loss(self):
-    return float(np.mean(np.asarray(self.metrics['train/loss'])))
+    return float(np.mean([np.asarray(m['train/loss']) for m in self.metrics]))
 
   def reset_peak(self):
     return self.device.platform == 'cpu' and reset_peak_rss()
@@ -673,7 +684,7 @@ def bench_seeds(args, impls, torch_device):
     for _ in range(k - 1):
       twin = object.__new__(SmallfxRun)
       twin.__dict__.update(single[0].__dict__)
-      twin.state = single[0].jax.tree.map(lambda a: a + 0, single[0].state)
+      twin.parts = single[0].jax.tree.map(lambda a: a + 0, single[0].parts)
       single.append(twin)
     runners = {'vmapped': vmapped, 'sequential': Sequential(single)}
     if 'ref' in impls:  # the vmapped step of the reference revision

@@ -161,10 +161,17 @@ def _swaps_kernel_grad(w):
 
 def _onednn_fits(x, w, strides, padding):
   # A stride-1 1x1 layer is a matrix product, which XLA fuses with its elementwise
-  # neighbours (YNNPACK); a call would materialise them. One device, or one device's
-  # part of a `shard_map`: the partitioner would gather a sharded batch for a custom
-  # call. oneDNN takes no negative padding (a crop), and no empty operand or output.
-  return (ONEDNN and not (w.shape[:2] == (1, 1) and strides == (1, 1))
+  # neighbours (YNNPACK); a call would materialise them. A strided 1x1 layer goes to
+  # oneDNN (5x faster than XLA's slice and product for ResNet-20's shortcuts) only
+  # where its channels fill oneDNN's blocks of 8 (AVX2) or 16 (AVX-512): oneDNN 3.2's
+  # AVX2 kernel gradient for it (jit_1x1:avx2) is wrong where the weights are padded
+  # to blocks, and differs from run to run (a 4->4 or 4->8 layer on 8x8 images:
+  # relative error 0.7-0.97 on a Zen 3 EPYC; tests/test_conv.py). One device, or one
+  # device's part of a `shard_map`: the partitioner would gather a sharded batch for a
+  # custom call. oneDNN takes no negative padding (a crop), and no empty operand or output.
+  pointwise = w.shape[:2] == (1, 1)
+  unblocked = w.shape[2] % 16 or w.shape[3] % 16
+  return (ONEDNN and not (pointwise and (strides == (1, 1) or unblocked))
           and jax.default_backend() == 'cpu' and _one_device_program()
           and x.dtype == w.dtype == jnp.float32 and min(min(p) for p in padding) >= 0
           and min(x.shape + w.shape) > 0
