@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'tools'))
@@ -13,6 +14,7 @@ sys.path.insert(0, os.path.join(REPO, 'tools'))
 import augment_cost  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+@pytest.mark.slow
 def test_quick_cli_writes_json(tmp_path):
   out = tmp_path / 'cost.json'
   r = subprocess.run([sys.executable, 'tools/augment_cost.py', '--quick', '--json', str(out)],

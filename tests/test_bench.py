@@ -48,6 +48,7 @@ def test_bench_seeds_run_side_by_side_as_the_training_loop_does(tmp_path):
       assert np.isfinite(r['final_loss']), (k, name)
 
 
+@pytest.mark.slow
 def test_seed_layout_and_seed_runs_tools_run():
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_seed_layout.py'),
@@ -72,12 +73,14 @@ def _tool_line(tool, prefix, *args):
   return line
 
 
+@pytest.mark.slow
 def test_conv_tool_times_both_formulations():
   line = _tool_line('bench_conv.py', 'resnet20 b2:',
                     '--models', 'resnet20:2', '--steps', '1', '--rounds', '1')
   assert 'lax ' in line and 'smallfx ' in line and 'lax / smallfx x' in line, line
 
 
+@pytest.mark.slow
 def test_malloc_tool_times_both_allocators():
   from smallfx import malloc  # pylint: disable=g-import-not-at-top
   if sys.platform != 'linux' or not malloc.library():
@@ -88,6 +91,7 @@ def test_malloc_tool_times_both_allocators():
   assert 'system ' in line and 'tcmalloc ' in line and 'system / tcmalloc x' in line, line
 
 
+@pytest.mark.slow
 def test_dispatch_tool_times_one_and_several_steps_per_dispatch():
   out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_dispatch.py'),
                         '--models', 'mlp:8', '--scan', '3', '--steps', '3', '--rounds', '1'],

@@ -34,6 +34,7 @@ def results(workdir):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_one_two_four_devices_agree(tmp_path):
   runs = {}
   for n in (1, 2, 4):
