@@ -764,6 +764,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parts = split_seeds(state, rounds, mesh)
   data_parts = (split_seeds((images_dev, labels_dev), rounds, mesh) if config.resample_per_seed
                 else [(images_dev, labels_dev)] * rounds)
+  # From here the parts are the state: split copies would otherwise stay alive beside them.
+  del state, images_dev, labels_dev
   writer = metrics_lib.Writer(workdir, resume_step=start)
   images_per_step = setup.batch_size * config.num_seeds
 
