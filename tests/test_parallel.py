@@ -203,6 +203,31 @@ def test_two_processes_match_one_process(tmp_path):
   assert results(multi)['test_accuracy'] == results(single)['test_accuracy']
 
 
+def test_seeds_side_by_side_over_two_processes(tmp_path):
+  """Two seeds, one CPU device in each of two processes, as one process with two devices
+  runs them; each process's oneDNN probe reads a device of its own (it once read device
+  0, which only process 0 can, so the other process fell back to XLA's convolutions)."""
+  args = [*ARGS, '--config.num_seeds=2']
+  single = tmp_path / 'single'
+  r = run_cli('smallfx.main', *args, f'--workdir={single}', env=devices(2))
+  assert r.returncode == 0, r.stderr
+  multi = tmp_path / 'multi'
+  env = dict(os.environ, **devices(1), JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}',
+             JAX_NUM_PROCESSES='2', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  procs = [subprocess.Popen([sys.executable, '-m', 'smallfx.main', *args, f'--workdir={multi}',
+                             '--config.distributed=True'], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err
+    assert 'oneDNN convolutions unavailable' not in err, err
+  assert len(results(multi)['devices']) == 2
+  np.testing.assert_allclose(train_losses(multi), train_losses(single), rtol=1e-5)
+  np.testing.assert_allclose(results(multi)['test_accuracy_per_seed'],
+                             results(single)['test_accuracy_per_seed'], atol=1e-6)
+
+
 def test_many_queued_steps_on_two_cpu_devices_finish(tmp_path):
   """Dozens of steps in flight once made two CPU devices wait on each other's all-reduces
   until XLA aborted the run (2 runs out of 2); the loop now keeps two in flight."""

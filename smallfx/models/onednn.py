@@ -160,7 +160,7 @@ def available() -> bool:
 
 def _matches_lax() -> bool:
   rng = np.random.default_rng(0)
-  cpu = jax.devices('cpu')[0]
+  cpu = jax.local_devices(backend='cpu')[0]  # this process's: another's cannot be read here
   # A strided layer with uneven padding and a row and a column left unread.
   x_shape, w_shape, strides, padding = (2, 6, 7, 3), (3, 3, 3, 4), (2, 2), ((1, 1), (0, 1))
   x, w = (jax.device_put(rng.standard_normal(s, np.float32), cpu) for s in (x_shape, w_shape))
