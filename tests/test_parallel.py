@@ -183,20 +183,27 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
-  single = tmp_path / 'single'
-  r = run_cli('smallfx.main', *ARGS, f'--workdir={single}', env=devices(4))
-  assert r.returncode == 0, r.stderr
-  multi = tmp_path / 'multi'
-  env = dict(os.environ, **devices(2), JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}',
-             JAX_NUM_PROCESSES='2', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
-  procs = [subprocess.Popen([sys.executable, '-m', 'smallfx.main', *ARGS, f'--workdir={multi}',
+def _two_processes(args, workdir, devices_each):
+  """One run of `smallfx.main` as two local processes; their (stdout, stderr), each checked."""
+  env = dict(os.environ, **devices(devices_each),
+             JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}', JAX_NUM_PROCESSES='2',
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  procs = [subprocess.Popen([sys.executable, '-m', 'smallfx.main', *args, f'--workdir={workdir}',
                              '--config.distributed=True'], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err
+  return outs
+
+
+def test_two_processes_match_one_process(tmp_path):
+  single = tmp_path / 'single'
+  r = run_cli('smallfx.main', *ARGS, f'--workdir={single}', env=devices(4))
+  assert r.returncode == 0, r.stderr
+  multi = tmp_path / 'multi'
+  outs = _two_processes(ARGS, multi, devices_each=2)
   assert 'test accuracy' in outs[0][0] and 'test accuracy' not in outs[1][0], 'only process 0 reports'
   assert len(results(multi)['devices']) == 4
   np.testing.assert_allclose(train_losses(multi), train_losses(single), rtol=1e-5)
@@ -212,15 +219,7 @@ def test_seeds_side_by_side_over_two_processes(tmp_path):
   r = run_cli('smallfx.main', *args, f'--workdir={single}', env=devices(2))
   assert r.returncode == 0, r.stderr
   multi = tmp_path / 'multi'
-  env = dict(os.environ, **devices(1), JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}',
-             JAX_NUM_PROCESSES='2', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
-  procs = [subprocess.Popen([sys.executable, '-m', 'smallfx.main', *args, f'--workdir={multi}',
-                             '--config.distributed=True'], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err
+  for _, err in _two_processes(args, multi, devices_each=1):
     assert 'oneDNN convolutions unavailable' not in err, err
   assert len(results(multi)['devices']) == 2
   np.testing.assert_allclose(train_losses(multi), train_losses(single), rtol=1e-5)
