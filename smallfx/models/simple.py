@@ -3,6 +3,7 @@
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from smallfx.models import conv as conv_lib
@@ -22,6 +23,13 @@ class MLP(nn.Module):
     return x
 
 
+def _windows(x):
+  """(B, H, W, C) -> (B, H/2, 2, W/2, 2, C): the 2x2 windows (an odd last row/column dropped)."""
+  b, h, w, c = x.shape
+  return x[:, :h - h % 2, :w - w % 2].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
 def max_pool_2x2(x):
   """2x2 max pooling, stride 2, VALID (an odd last row/column is dropped): nn.max_pool's maths.
 
@@ -31,12 +39,35 @@ def max_pool_2x2(x):
   reduce_window that tracks argmax positions with full-size iotas plus a scatter,
   over half of SmallCNN's step time; the reshape form's gradient is an elementwise
   mask that fuses with its neighbours. Equal maxima share the gradient (jnp.max's
-  rule) instead of the first one taking it all; after a ReLU those ties are zeros,
-  whose gradient the ReLU drops anyway.
+  rule) instead of the first one taking it all: after a ReLU most ties are zeros,
+  whose gradient the ReLU drops, and the rest (a flat background) read equal inputs.
+
+  The gradient is written out (`_max_pool_bwd`) rather than left to autodiff of the
+  max, whose tie count is a reduction over the window axes that XLA:CPU sends to
+  YNNPACK as a separate pass: SmallCNN's single-seed step (batch 32, one core of a
+  Zen 3 EPYC) 23.3 -> 20.0 ms, 8 seeds on 2 cores 105 -> 96 ms (medians of 7, same
+  process), with equal gradients.
   """
+  return _windows(x).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+  y = max_pool_2x2(x)
+  return y, (x, y)
+
+
+def _max_pool_bwd(residuals, dy):
+  x, y = residuals
   b, h, w, c = x.shape
-  x = x[:, :h - h % 2, :w - w % 2]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  hit = _windows(x) == y[:, :, None, :, None]
+  # The tie count as three elementwise adds, which fuse with the mask.
+  count = sum(hit[:, :, i, :, j].astype(dy.dtype) for i in range(2) for j in range(2))
+  dx = jnp.where(hit, (dy / count)[:, :, None, :, None], 0).astype(x.dtype)
+  dx = dx.reshape(b, h - h % 2, w - w % 2, c)
+  return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class SmallCNN(nn.Module):
