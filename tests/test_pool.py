@@ -30,7 +30,13 @@ def test_gradients_match_autodiff_with_ties(shape):
   x = x.at[:, :4, :4].set(0.5)
   x = jnp.maximum(x, 0.0).at[:, 4:6, 4:6, 0].set(jnp.array([[1.0, 1.0], [-1.0, 0.2]]))
   dy = jax.random.normal(kg, simple.max_pool_2x2(x).shape)
-  got = jax.jit(lambda x: jax.vjp(simple.max_pool_2x2, x)[1](dy)[0])(x)
+
+  def pool_and_grad(x):
+    y, vjp = jax.vjp(simple.max_pool_2x2, x)
+    return y, vjp(dy)[0]
+
+  y, got = jax.jit(pool_and_grad)(x)
+  chex.assert_trees_all_equal(y, nn.max_pool(x, (2, 2), (2, 2)))  # training's forward
   want = jax.jit(lambda x: jax.vjp(_autodiff_pool, x)[1](dy)[0])(x)
   chex.assert_trees_all_close(got, want, rtol=1e-6, atol=0)
   # Each window's shares add up to its output's gradient; a dropped odd row gets none.
