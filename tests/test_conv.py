@@ -214,3 +214,14 @@ def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
   monkeypatch.setenv('CXX', 'no-such-compiler')
   with pytest.raises(RuntimeError, match='C\\+\\+ compiler'):
     onednn.build()
+
+
+@needs_onednn
+def test_build_is_shared_by_checkouts(monkeypatch, tmp_path):
+  """The same source at another path (a second clone) reuses the build, without a compiler."""
+  built = onednn.build()
+  elsewhere = tmp_path / onednn.SOURCE.name
+  elsewhere.write_text(onednn.SOURCE.read_text())
+  monkeypatch.setattr(onednn, 'SOURCE', elsewhere)
+  monkeypatch.setenv('CXX', 'no-such-compiler')
+  assert onednn.build() == built
