@@ -271,9 +271,9 @@ def join_seeds(parts: list, mesh):
 
 def _split(tree, rounds, mesh):
   # Seeds side by side exist on CPU devices only, whose arrays are host memory: each
-  # device's rows are copied out as they are. As a jitted reshape and slice this
-  # compiled for 0.6-0.8 s (8 SmallCNN seeds, 2 devices), more than a third of the
-  # difference of an 8-seed run's setup from a one-seed run's.
+  # device's rows are copied out as they are. As a jitted reshape and slice this took
+  # 0.6-0.8 s to compile for 8 SmallCNN seeds on 2 devices, and the copies take
+  # milliseconds (experiments/bench/README.md, change 15).
   sharding = _shardings(mesh)[0]
 
   def cut(a):

@@ -752,7 +752,8 @@ def fmt_single(r):
 
 def fmt_seeds(r):
   lines = [f"seeds: {r['model']} batch {r['batch_size']}, {r['rounds']} rounds x "
-           f"{r['steps_per_round']} steps per seed"]
+           f"{r['steps_per_round']} steps per seed (train steps alone; whole runs, with "
+           "start-up, compiling, evaluation and baseline: tools/bench_seed_runs.py)"]
   for k, res in r['by_k'].items():
     v = res['vmapped']
     m, lo, hi = v['time_vs_sequential']
