@@ -8,8 +8,11 @@ size, normalisation, class names and class targets. Training runs and
 `--config.pretrained` read either.
 """
 
+import errno
 import json
 import os
+import time
+import sys
 from typing import Any
 
 import jax
@@ -55,20 +58,118 @@ def save_variables(workdir: str, variables: dict[str, Any], spec: dict[str, Any]
     mngr.wait_until_finished()
 
 
+def _one_line(e: Exception) -> str:
+  """The gist of an Orbax error: TensorStore's are a chain of clauses and a spec dump."""
+  text = ' '.join(str(e).split()).split(' [tensorstore_spec=')[0]
+  return f'{type(e).__name__}: {text if len(text) < 120 else text.split(": ")[-1][:200]}'
+
+
+def _quiet_closed_loop() -> None:
+  """Drops the tracebacks of TensorStore reads that finish after a failed restore.
+
+  Orbax closes its event loop when the first array fails; the reads of the others
+  then report to the closed loop from TensorStore's threads, each as an "unraisable"
+  RuntimeError traceback on stderr, long after the one line that said what happened.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'smallfx_quiet', False):
+    return
+
+  def hook(unraisable):
+    if not (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.smallfx_quiet = True
+  sys.unraisablehook = hook
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract=None) -> tuple[Any, Any]:
+  """(step, state) of the newest readable checkpoint, or (None, None) if there is none.
+
+  An unreadable checkpoint (a truncated file, a crash while writing) costs one warning
+  line and the work since the next older one; it is left on disk as it is. `abstract`
+  is the state's pytree of shapes and dtypes (or arrays), as StandardRestore takes it.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  newest = None
+  for step, older in zip(steps, steps[1:] + [None]):
+    try:
+      return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # Orbax raises many types for a damaged file.
+      _quiet_closed_loop()
+      newest = newest or f'step {step}: {_one_line(e)}'
+      if older is not None:
+        print(f'warning: checkpoint {step} in {mngr.directory} is unreadable ({_one_line(e)}); '
+              f'falling back to {older}', file=sys.stderr)
+  if steps:
+    older = f'; and {len(steps) - 1} older' if len(steps) > 1 else ''
+    raise UserError(f'no checkpoint in {mngr.directory} is readable ({newest}{older}); '
+                    'move that folder aside to start afresh')
+  return None, None
+
+
+def set_aside_newer(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Moves checkpoints newer than `step` (unreadable ones) to `damaged-checkpoints/`.
+
+  Training resumed from `step` will save those step numbers again; the damaged files
+  are kept for a look, not deleted.
+  """
+  newer = [s for s in mngr.all_steps() if s > step]
+  if not newer or jax.process_index() != 0:
+    return
+  aside = os.path.join(os.path.dirname(str(mngr.directory)), 'damaged-checkpoints')
+  os.makedirs(aside, exist_ok=True)
+  for s in newer:
+    os.replace(os.path.join(str(mngr.directory), str(s)),
+               os.path.join(aside, f'{s}-{int(time.time())}'))
+  mngr.reload()
+
+
 def load_variables(workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """The newest checkpoint's {'params', 'batch_stats'} as numpy, and the spec.
+  """The newest readable checkpoint's {'params', 'batch_stats'} as numpy, and the spec.
 
   Training checkpoints carry a leading seed axis on every leaf (spec['num_seeds']);
   it is kept, so callers can average an ensemble or pick one member.
   """
   spec = read_model_spec(workdir)
   with manager(workdir) as mngr:
-    step = mngr.latest_step()
+    step, state = restore_latest(mngr)
     if step is None:
       raise UserError(f'no checkpoint in {workdir}/checkpoints')
-    try:
-      state = mngr.restore(step, args=ocp.args.StandardRestore())
-    except Exception as e:  # Orbax raises many types for a damaged file.
-      raise UserError(f'checkpoint {step} in {workdir} is unreadable: {e}') from None
   state = jax.tree.map(np.asarray, dict(state))
   return {k: state[k] for k in ('params', 'batch_stats') if k in state}, spec
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir` and checks that a file can be written there; one line if not.
+
+  Run before anything else is written, so that a bad --workdir fails at once and
+  not after training, when the first checkpoint is due.
+  """
+  probe = os.path.join(workdir, f'.smallfx-write-test-{os.getpid()}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, 'w') as f:
+      f.write('smallfx')  # a few bytes, so that a full disk shows here too
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(_workdir_problem(workdir, e)) from None
+
+
+def _workdir_problem(workdir: str, e: OSError) -> str:
+  """One line for why `workdir` cannot be written, and what to do."""
+  what = f'cannot write to workdir {workdir}'
+  if e.errno in (errno.ENOTDIR, errno.EEXIST):
+    # The deepest part of the path that exists is the file in the way.
+    part = os.path.abspath(workdir)
+    while not os.path.exists(part) and os.path.dirname(part) != part:
+      part = os.path.dirname(part)
+    return f'{what}: {part} is a file, not a folder; pick another --workdir'
+  if e.errno in (errno.EACCES, errno.EPERM):
+    return f'{what}: permission denied; pick another --workdir or change its permissions'
+  if e.errno == errno.EROFS:
+    return f'{what}: it is on a read-only file system; pick another --workdir'
+  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    return f'{what}: no space left on its disk; free some space or pick another --workdir'
+  return f'{what}: {e.strerror or e}; pick another --workdir'

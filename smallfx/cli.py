@@ -1,13 +1,16 @@
 """Command-line plumbing shared by the entry points: one-line errors, exit status 2."""
 
+import functools
 import os
 import re
 import sys
+import traceback
 from typing import Callable
 
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from smallfx.errors import UserError
 
@@ -19,22 +22,94 @@ def fail(message: str) -> None:
   sys.exit(EXIT_USER_ERROR)
 
 
-def _parse_flags(argv):
-  # absl prints the whole usage text and exits 1 on a bad flag; a misspelt config
-  # key deserves one line naming it, and exit 2 like every other user error.
+HELP_FLAGS = frozenset({'-h', '-?', '-help', '--help', '--helpshort', '--helpfull'})
+
+
+def _config_files(argv) -> list[str]:
+  """The files given to config-file flags (`--config=FILE[:ARG]` or `--config FILE`)."""
+  names = {name for name in flags.FLAGS
+           if isinstance(flags.FLAGS[name].parser, ConfigFileFlagParser)}
+  files = []
+  for arg, after in zip(argv[1:], argv[2:] + ['']):
+    if arg == '--':
+      break
+    name, eq, value = arg.lstrip('-').partition('=')
+    if arg.startswith('-') and name in names:
+      files.append((value if eq else after).split(':', 1)[0])
+  return files
+
+
+def _check_config_files(argv) -> None:
+  # ml_collections defers a missing file to the first override, then tracebacks.
+  for path in _config_files(argv):
+    if not os.path.isfile(path):
+      folder = os.path.dirname(path) or '.'
+      there = os.listdir(folder) if os.path.isdir(folder) else []
+      there = ', '.join(sorted(f for f in there if f.endswith('.py')))
+      fail(f'config file {path} not found' + (f'; {folder} has: {there}' if there else ''))
+
+
+def _config_error(e: BaseException, argv) -> str | None:
+  """One line for an error in a config file (naming file and line), else None."""
+  files = {os.path.abspath(f): f for f in _config_files(argv)}
+  chain = []  # The error the file raised is the innermost: absl and ml_collections rewrap it.
+  while e is not None and e not in chain:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  for error in reversed(chain):
+    # config_flags only logs a get_config() that returned None; an override or the
+    # required-flag check then fails on it.
+    if files and any(text in str(error) for text in ("<class 'NoneType'>.",
+                                                      'must have a value other than None')):
+      return f'get_config() in {", ".join(files.values())} returned None, not a ConfigDict'
+    if isinstance(error, AttributeError) and getattr(error, 'name', None) == 'get_config':
+      path = files.get(os.path.abspath(getattr(error.obj, '__file__', None) or ''))
+      if path:
+        return f'config file {path} has no get_config() that returns its ConfigDict'
+    where = (error.filename or '', error.lineno) if isinstance(error, SyntaxError) else ('', 0)
+    for frame, line in traceback.walk_tb(error.__traceback__):  # the config file's last line
+      if os.path.abspath(frame.f_code.co_filename) in files:
+        where = (frame.f_code.co_filename, line)
+    path = files.get(os.path.abspath(where[0])) if where[0] else None
+    if path:
+      text = error.msg if isinstance(error, SyntaxError) else ' '.join(str(error).split())
+      return f'config file {path}, line {where[1]}: {type(error).__name__}: {text[:300]}'
+  return None
+
+
+def _parse_flags(argv, help_text: Callable[[], str] | None = None):
+  """absl's flag parsing, with one line and exit 2 for every mistake; --help exits 0."""
+  if HELP_FLAGS & set(argv[1:]):
+    app.usage(shorthelp='--helpfull' not in argv, writeto_stdout=True)
+    if help_text:
+      print(help_text())
+    sys.exit(0)
+  _check_config_files(argv)
+  # config_flags logs a get_config() that returned None as a warning, then fails
+  # elsewhere; one line below says it instead.
+  logging.set_verbosity(logging.ERROR)
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-  except (AttributeError, KeyError) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    fail(_config_error(e, argv) or _flag_error(e))
+
+
+def _flag_error(e: Exception) -> str:
+  """One line for a bad flag; any other error is re-raised."""
+  # absl prints the whole usage text and exits 1 on a bad flag; a misspelt config
+  # key deserves one line naming it, and exit 2 like every other user error.
+  if isinstance(e, flags.Error):
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+  if isinstance(e, (AttributeError, KeyError)):
     # ml_collections reports an unknown `--config.KEY` as a nested KeyError text.
     text = str(e).replace('\\n', ' ').replace("\\'", "'")
     key = re.search(r"'(\w+)'", text)
     hint = re.search(r'Did you mean "(\w+)"', text)
-    fail(f"unknown config key {key.group(1) if key else text!r}"
-         + (f' (did you mean {hint.group(1)!r}?)' if hint else ''))
-  except (ValueError, TypeError) as e:
-    fail(f'bad flag value: {" ".join(str(e).split())}')
+    return (f"unknown config key {key.group(1) if key else text!r}"
+            + (f' (did you mean {hint.group(1)!r}?)' if hint else ''))
+  if isinstance(e, (ValueError, TypeError)):
+    return f'bad flag value: {" ".join(str(e).split())}'
+  raise e
 
 
 def compilation_cache_dir() -> str:
@@ -61,8 +136,11 @@ def enable_compilation_cache() -> None:
   jax.config.update('jax_compilation_cache_max_size', 2 * 2**30)
 
 
-def run(main: Callable) -> None:
-  """absl's app.run, with UserError turned into one line on stderr and exit 2."""
+def run(main: Callable, help_text: Callable[[], str] | None = None) -> None:
+  """absl's app.run, with UserError turned into one line on stderr and exit 2.
+
+  `help_text()`, if given, is printed after the flags by --help.
+  """
 
   def wrapped(argv):
     # Orbax and JAX log every checkpoint step at INFO; the progress bar says enough.
@@ -77,4 +155,4 @@ def run(main: Callable) -> None:
             file=sys.stderr)
       sys.exit(130)
 
-  app.run(wrapped, flags_parser=_parse_flags)
+  app.run(wrapped, flags_parser=functools.partial(_parse_flags, help_text=help_text))

@@ -2,6 +2,10 @@
 
 import ml_collections
 
+# Scalar hyperparameters of the step that a sweep may vary (`--config.sweep.NAME=a,b`).
+SWEEPABLE = ('learning_rate', 'weight_decay', 'momentum', 'label_smoothing',
+             'cosine_xent_weight')
+
 
 def default() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -13,10 +17,8 @@ def default() -> ml_collections.ConfigDict:
   c.data_seed = 0
   c.image_size = 0     # 0: native size; N or (H, W): resize on load.
   c.channels = 0       # folder datasets: 1 (grey) or 3 (RGB, the default).
-  # Grammar in smallfx/augment.py. Fashion-MNIST, SmallCNN, 10 and 50 per class,
-  # 3 seeds (experiments/augment/): +1.9 and +1.5 points over no augmentation, better
-  # on every seed; ~3% of a ResNet-20 step on CPU. crop(pad=4)|flip was below none.
-  c.augment = 'crop(pad=2)|flip|trivial'
+  # Grammar in smallfx/augment.py; 'auto' picks by image size (`experiment.AUTO_AUGMENT`).
+  c.augment = 'auto'
 
   # Model and loss.
   c.model = 'resnet20'
@@ -43,17 +45,26 @@ def default() -> ml_collections.ConfigDict:
   c.warmup_steps = 50
   c.sgdr_cycles = 3
   c.grad_clip_norm = 0.0
+  c.label_smoothing = 0.1      # loss 'xent_smooth'.
+  c.cosine_xent_weight = 0.1   # loss 'cosine_xent': Barz & Denzler's lambda.
 
-  # Seeds: `num_seeds` models train together as one vmapped program.
+  # A sweep: comma-separated values of any of these fields, e.g.
+  # --config.sweep.learning_rate=0.03,0.1,0.3. Their product times `num_seeds` members
+  # train as one program; the validation split chooses the setting.
+  c.sweep = ml_collections.ConfigDict({name: '' for name in SWEEPABLE})
+
+  # Seeds: `num_seeds` models of every setting train together as one program.
   c.seed = 0
   c.num_seeds = 1
   c.resample_per_seed = False
-  # Devices along the seed axis; the rest split the batch. 0: on CPU, seeds run side
-  # by side on the cores (train.cpu_devices_for_seeds); elsewhere 1.
-  c.seed_devices = 0
-  # Train steps per call of the compiled program; 0: by backend (1 on CPU, 25 on
-  # GPU: train.steps_per_dispatch says why).
+  # Devices along the members; the rest split the batch. 0: on CPU, members run side
+  # by side on the cores (members.cpu_devices); elsewhere 1.
+  c.member_devices = 0
+  # Train steps per call of the compiled program; 0: by platform (smallfx/tuning.py).
   c.steps_per_dispatch = 0
+  # CPU tuning (oneDNN convolutions, layer rewrites, the allocator): on by default on
+  # CPU, never elsewhere. SMALLFX_CPU_TUNING=0 in the environment turns it off too.
+  c.cpu_tuning = True
   c.distributed = False  # multi-host: jax.distributed.initialize() from the environment.
 
   # Bookkeeping.

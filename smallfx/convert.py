@@ -22,7 +22,9 @@ import dataclasses
 import glob
 import importlib
 import os
+import re
 from typing import Any, Callable, Mapping, Sequence
+import warnings
 
 import flax.traverse_util
 import jax
@@ -358,18 +360,24 @@ def load_state_dict(path: str) -> dict[str, Any]:
       raise UserError(f'{path} is not a readable safetensors file ({_one_line(e)})') from None
   torch = _import_torch()
   try:
-    # weights_only: tensors and plain containers only, never arbitrary objects.
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    with warnings.catch_warnings():  # torch warns in two lines about pickle protocols
+      warnings.simplefilter('ignore', UserWarning)
+      # weights_only: tensors and plain containers only, never arbitrary objects.
+      obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pickle, zip and torch errors alike: the file is bad.
-    text = str(e)
-    if 'WeightsUnpickler error:' in text:
-      # torch's advice here is to retry with weights_only=False; never do that
-      # for a file one did not make. Keep only the reason.
-      detail = text.split('WeightsUnpickler error:')[1].split('Check the documentation')[0]
-      reason = f'corrupt, or holds more than tensors: {" ".join(detail.split())[:200]}'
-    else:
-      reason = _one_line(e)
-    raise UserError(f'{path} is not a readable PyTorch weights file ({reason})') from None
+    text = ' '.join(str(e).split())
+    if 'Weights only load failed' not in text:
+      raise UserError(f'{path} is not a readable PyTorch weights file ({_one_line(e)})') from None
+    # torch's advice here is to retry with weights_only=False or to allow-list the
+    # class: both run code from a file one did not make. Say what it holds instead.
+    found = re.search(r'GLOBAL ([\w.]+)', text)
+    detail = re.search(r'WeightsUnpickler error: (.*?) Check the documentation', text)
+    what = (f'holds code or objects that are not plain tensors ({found.group(1)})' if found else
+            'is corrupt, or holds code or objects that are not plain tensors'
+            + (f' ({detail.group(1)[:100]})' if detail else ''))
+    raise UserError(f'{path} {what}; it was not loaded, since loading it could run that code. '
+                    'Ask its maker for the bare state_dict (tensors only) or a .safetensors '
+                    'file') from None
   return _unwrap(obj, path)
 
 

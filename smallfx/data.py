@@ -13,7 +13,10 @@ Names: `digits` (scikit-learn's 8x8 digits, embedded), `fashion_mnist` (IDX file
 import dataclasses
 import gzip
 import os
+import re
 from typing import Callable
+import warnings
+import zlib
 
 import numpy as np
 
@@ -27,6 +30,25 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.
 # drawn with a fixed seed so that every run of every config tests on the same images.
 HELD_OUT_FRACTION = 0.3
 HELD_OUT_SEED = 1234
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Which images a run reads: the config's data fields, checked by `experiment.resolve`."""
+  dataset: str = 'digits'
+  data_dir: str = ''
+  samples_per_class: int = 10
+  val_per_class: int = 10
+  data_seed: int = 0
+  image_size: int | tuple[int, int] = 0
+  channels: int = 0
+
+  @classmethod
+  def from_config(cls, config) -> 'Spec':
+    fields = {f.name: config[f.name] for f in dataclasses.fields(cls)}
+    if isinstance(fields['image_size'], list):  # a tuple comes back from JSON as a list
+      fields['image_size'] = tuple(fields['image_size'])
+    return cls(**fields)
 
 
 @dataclasses.dataclass
@@ -97,7 +119,7 @@ def held_out_split(images, labels, class_names) -> Source:
                 class_names)
 
 
-def load_digits(config) -> Source:
+def load_digits(spec) -> Source:
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   d = datasets.load_digits()
   images = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]
@@ -112,12 +134,15 @@ def _read_idx(path: str) -> np.ndarray:
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
     data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
     return data.reshape(shape)
-  except (OSError, ValueError, EOFError, IndexError) as e:
-    raise UserError(f'{path} is not a readable IDX file: {e}') from None
+  # A damaged .gz raises zlib.error (bad deflate data), EOFError (cut short) or
+  # gzip.BadGzipFile (an OSError: bad header or checksum).
+  except (OSError, ValueError, EOFError, IndexError, zlib.error) as e:
+    raise UserError(f'{path} is not a readable IDX file ({e}); re-download or '
+                    're-install it') from None
 
 
-def load_fashion_mnist(config) -> Source:
-  folder = config.data_dir or FASHION_MNIST_DIR
+def load_fashion_mnist(spec) -> Source:
+  folder = spec.data_dir or FASHION_MNIST_DIR
 
   def find(stem):
     for name in (stem, stem + '.gz', stem.replace('-idx', '.idx')):
@@ -129,16 +154,21 @@ def load_fashion_mnist(config) -> Source:
         f'{FASHION_MNIST_DIR}) or point --config.data_dir at the IDX files')
 
   def split(prefix):
-    images = _read_idx(find(f'{prefix}-images-idx3-ubyte'))[..., None]
-    labels = _read_idx(find(f'{prefix}-labels-idx1-ubyte')).astype(np.int32)
-    return Split(images, labels)
+    images_path = find(f'{prefix}-images-idx3-ubyte')
+    labels_path = find(f'{prefix}-labels-idx1-ubyte')
+    images, labels = _read_idx(images_path), _read_idx(labels_path)
+    # Indexing would quietly drop the images (or labels) past the shorter file.
+    if len(images) != len(labels):
+      raise UserError(f'{images_path} holds {len(images)} images but {labels_path} holds '
+                      f'{len(labels)} labels; they must match: re-download or re-install both')
+    return Split(images[..., None], labels.astype(np.int32))
 
   return Source(split('train'), split('t10k'), list(FASHION_MNIST_CLASSES))
 
 
-def load_tfds(name: str, config) -> Source:
+def load_tfds(name: str, spec) -> Source:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  data_dir = config.data_dir or None
+  data_dir = spec.data_dir or None
 
   def records(split):
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -168,39 +198,78 @@ def load_tfds(name: str, config) -> Source:
   return Source(split(train), split(test), names)
 
 
-def _read_image_folder(root: str, size, channels: int):
+def _to_8_bits(im, path: str):
+  """`im` with 8-bit pixels: Pillow's convert() clips 16-bit greyscale to 255 (all white)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if im.mode == 'F':
+    raise UserError(f'cannot read image {path}: its pixels are floating point, which have '
+                    'no fixed range; save it with 8 or 16 bits per channel')
+  if im.mode != 'I' and not im.mode.startswith('I;16'):
+    return im  # 8 bits, or deeper colour that Pillow itself reads as 8 bits
+  # 16-bit grey reads as 'I;16*', or as 'I' (32-bit) from TIFFs and older Pillows.
+  x = np.asarray(im)
+  if x.size and (x.min() < 0 or x.max() > 65535):
+    raise UserError(f'cannot read image {path}: its 32-bit pixels run from {x.min()} to '
+                    f'{x.max()}, outside the 16-bit range; save it with 8 or 16 bits')
+  return Image.fromarray(np.round(x / 257).astype(np.uint8))
+
+
+def read_image(path: str, channels: int = 3, size=None) -> np.ndarray:
+  """One image file as uint8 (H, W, channels), resized (bilinear) to `size` (H, W).
+
+  Any bit depth Pillow reads is scaled to 8 bits; a file Pillow cannot read, or one
+  over its decompression-bomb limit, is a UserError naming the file.
+  """
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  try:
+    with warnings.catch_warnings():
+      # Between the limit and twice it Pillow only warns, in two lines without the file.
+      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      with Image.open(path) as im:
+        im = _to_8_bits(im, path).convert('L' if channels == 1 else 'RGB')
+        if size:
+          im = im.resize((size[1], size[0]), Image.BILINEAR)
+        return np.asarray(im, np.uint8).reshape(im.height, im.width, -1)
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    pixels = re.search(r'\((\d+) pixels\)', str(e))
+    raise UserError(f'cannot read image {path}: {pixels.group(1) if pixels else "its"} pixels '
+                    f"exceed Pillow's limit of {Image.MAX_IMAGE_PIXELS} (a guard against "
+                    'decompression bombs); shrink the image') from None
+  except (OSError, UnidentifiedImageError, ValueError) as e:
+    raise UserError(f'cannot read image {path}: {e}') from None
+
+
+def _read_image_folder(root: str, size, channels: int):
   classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
   if not classes:
     raise UserError(f'{root} has no class sub-folders (expected one folder of images per class)')
+  if len(classes) == 1:
+    # One class: every prediction is right, and the run would report accuracy 1.0.
+    raise UserError(f'{root} has one class folder ({classes[0]}); a classifier needs two '
+                    'or more, one sub-folder of images per class')
   images, labels = [], []
   for label, name in enumerate(classes):
-    for fname in sorted(os.listdir(os.path.join(root, name))):
-      if not fname.lower().endswith(IMAGE_EXTENSIONS):
-        continue
-      path = os.path.join(root, name, fname)
-      try:
-        with Image.open(path) as im:
-          im = im.convert('L' if channels == 1 else 'RGB')
-          if size:
-            im = im.resize((size[1], size[0]), Image.BILINEAR)
-          images.append(np.asarray(im, np.uint8))
-      except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise UserError(f'cannot read image {path}: {e}') from None
-      labels.append(label)
+    files = [f for f in sorted(os.listdir(os.path.join(root, name)))
+             if f.lower().endswith(IMAGE_EXTENSIONS)]
+    # An empty class would still be one of the outputs, never trained nor tested.
+    if not files:
+      raise UserError(f'class folder {os.path.join(root, name)} has no images '
+                      f'({", ".join(IMAGE_EXTENSIONS)}); add some, or move the folder '
+                      f'out of {root}')
+    images += [read_image(os.path.join(root, name, f), channels, size) for f in files]
+    labels += [label] * len(files)
   shapes = {im.shape for im in images}
   if len(shapes) > 1:
     raise UserError(f'images in {root} differ in size ({sorted(shapes)[:3]}...); '
                     'set --config.image_size to resize them')
-  arr = np.stack(images)
-  return (arr if arr.ndim == 4 else arr[..., None]), np.array(labels, np.int32), classes
+  return np.stack(images), np.array(labels, np.int32), classes
 
 
-def load_folder(path: str, config) -> Source:
+def load_folder(path: str, spec) -> Source:
   if not os.path.isdir(path):
     raise UserError(f'folder {path} does not exist')
-  size = _size(config.image_size) or (32, 32)
-  channels = config.get('channels') or 3
+  size = _size(spec.image_size) or (32, 32)
+  channels = spec.channels or 3
   if all(os.path.isdir(os.path.join(path, s)) for s in ('train', 'test')):
     tr_x, tr_y, names = _read_image_folder(os.path.join(path, 'train'), size, channels)
     te_x, te_y, te_names = _read_image_folder(os.path.join(path, 'test'), size, channels)
@@ -231,42 +300,42 @@ def _resize(split: Split, size) -> Split:
   return Split(np.clip(np.round(np.asarray(x)), 0, 255).astype(np.uint8), split.labels)
 
 
-def load_source(config) -> Source:
-  name = config.dataset
+def load_source(spec: Spec) -> Source:
+  name = spec.dataset
   if ':' in name:
     prefix, arg = name.split(':', 1)
     if prefix in PREFIXES:
-      return PREFIXES[prefix](arg, config)
+      return PREFIXES[prefix](arg, spec)
   elif name in SOURCES:
-    return SOURCES[name](config)
+    return SOURCES[name](spec)
   raise UserError(f"unknown dataset {name!r}; valid: {', '.join(sorted(SOURCES))}, "
                   f"{', '.join(p + ':NAME' for p in sorted(PREFIXES))}")
 
 
-def load(config) -> Dataset:
+def load(spec: Spec) -> Dataset:
   """The run's splits: validation carved from the train pool, then `samples_per_class`."""
-  source = load_source(config)
+  source = load_source(spec)
   names = source.class_names
   pool = source.train
-  if config.val_per_class:
-    val_idx, rest = stratified_split(pool.labels, config.val_per_class, config.data_seed, names)
+  if spec.val_per_class:
+    val_idx, rest = stratified_split(pool.labels, spec.val_per_class, spec.data_seed, names)
     val = Split(pool.images[val_idx], pool.labels[val_idx])
     pool = Split(pool.images[rest], pool.labels[rest])
   else:
     val = Split(pool.images[:0], pool.labels[:0])
-  size = _size(config.image_size)
+  size = _size(spec.image_size)
   dataset = Dataset(pool, _resize(val, size), _resize(source.test, size), names, pool=pool)
-  dataset.train = resample_train(dataset, config, 0)
+  dataset.train = resample_train(dataset, spec, 0)
   return dataset
 
 
-def resample_train(dataset: Dataset, config, k: int) -> Split:
+def resample_train(dataset: Dataset, spec: Spec, k: int) -> Split:
   """The k-th sub-sample of the training pool (k = 0: the run's training split)."""
   pool = dataset.pool
-  if config.samples_per_class:
+  if spec.samples_per_class:
     # Another seed stream than validation's, so changing samples_per_class never
     # moves an image between validation and training.
-    seed = config.data_seed + 1 + 7919 * k
-    idx, _ = stratified_split(pool.labels, config.samples_per_class, seed, dataset.class_names)
+    seed = spec.data_seed + 1 + 7919 * k
+    idx, _ = stratified_split(pool.labels, spec.samples_per_class, seed, dataset.class_names)
     pool = Split(pool.images[idx], pool.labels[idx])
-  return _resize(pool, _size(config.image_size))
+  return _resize(pool, _size(spec.image_size))

@@ -9,6 +9,9 @@ exactly a mixed target vector.
 
 `get(name)` returns a `Loss`, which reads the model's output dict and also says
 how to turn outputs into class scores (for accuracy, ensembles and prediction).
+A loss's own hyperparameters (`HYPERPARAMS`) arrive as values, not constants: each
+member of a sweep carries its own in its optimiser state, and one compiled step
+serves them all.
 """
 
 import dataclasses
@@ -21,8 +24,9 @@ import optax
 from smallfx.errors import unknown
 from smallfx.models import l2_normalize
 
-# Barz & Denzler (WACV 2020) weight the cross-entropy term of cosine+xent by 0.1.
-COSINE_XENT_LAMBDA = 0.1
+# The defaults: Barz & Denzler (WACV 2020) weight the cross-entropy term of
+# cosine+xent by 0.1; 0.1 is the usual label smoothing.
+HYPERPARAMS = {'label_smoothing': 0.1, 'cosine_xent_weight': 0.1}
 # Cosine similarities lie in [-1, 1]; a softmax over them at temperature 1 is nearly
 # uniform. Scaling by 16 gives calibrated-looking probabilities for ensembles and
 # predictions and leaves the argmax (the accuracy) unchanged.
@@ -46,36 +50,48 @@ def cosine(embeddings: jax.Array, targets: jax.Array) -> jax.Array:
 class Loss:
   """A named loss over model output dicts; `labels` are class-probability vectors."""
   name: str
-  per_example: Callable[[dict, jax.Array], jax.Array]
+  # (outputs, labels, hyperparams) -> (B,); hyperparams as `HYPERPARAMS`, values or arrays.
+  _per_example: Callable[[dict, jax.Array, dict], jax.Array]
   scores: Callable[[dict], jax.Array]  # class logits: argmax = prediction
   needs_classifier: bool = False       # the model must emit outputs['logits']
+
+  def per_example(self, outputs: dict, labels: jax.Array,
+                  hyperparams: Optional[dict] = None) -> jax.Array:
+    return self._per_example(outputs, labels, {**HYPERPARAMS, **(hyperparams or {})})
+
+
+def _targets(labels, class_embeddings):
+  return labels if class_embeddings is None else labels @ class_embeddings
+
+
+def _cosine_scores(outputs, class_embeddings):
+  emb = l2_normalize(outputs['output'])
+  classes = (jnp.eye(emb.shape[-1]) if class_embeddings is None
+             else l2_normalize(class_embeddings))
+  return COSINE_SCORE_SCALE * emb @ classes.T
+
+
+# name -> factory(class_embeddings or None) -> Loss. A loss registered here is known to
+# `get`, to the error that lists the valid names, and to every test over NAMES.
+LOSSES: dict[str, Callable[[Optional[jax.Array]], Loss]] = {
+    'xent': lambda e: Loss('xent', lambda o, y, h: xent(o['output'], y), lambda o: o['output']),
+    'xent_smooth': lambda e: Loss(
+        'xent_smooth', lambda o, y, h: xent_smooth(o['output'], y, h['label_smoothing']),
+        lambda o: o['output']),
+    'cosine': lambda e: Loss(
+        'cosine', lambda o, y, h: cosine(o['output'], _targets(y, e)),
+        lambda o: _cosine_scores(o, e)),
+    'cosine_xent': lambda e: Loss(
+        'cosine_xent',
+        lambda o, y, h: (cosine(o['output'], _targets(y, e))
+                         + h['cosine_xent_weight'] * xent(o['logits'], y)),
+        lambda o: o['logits'], needs_classifier=True),
+}
+NAMES = LOSSES.keys()  # a live view: never a list kept by hand beside the table
 
 
 def get(name: str, class_embeddings: Optional[jax.Array] = None) -> Loss:
   """The loss `name`; `class_embeddings` (C, D) are the cosine targets (default one-hot)."""
-
-  def targets(labels):
-    return labels if class_embeddings is None else labels @ class_embeddings
-
-  def cosine_scores(outputs):
-    emb = l2_normalize(outputs['output'])
-    classes = (jnp.eye(emb.shape[-1]) if class_embeddings is None
-               else l2_normalize(class_embeddings))
-    return COSINE_SCORE_SCALE * emb @ classes.T
-
-  table = {
-      'xent': Loss('xent', lambda o, y: xent(o['output'], y), lambda o: o['output']),
-      'xent_smooth': Loss('xent_smooth', lambda o, y: xent_smooth(o['output'], y),
-                          lambda o: o['output']),
-      'cosine': Loss('cosine', lambda o, y: cosine(o['output'], targets(y)), cosine_scores),
-      'cosine_xent': Loss(
-          'cosine_xent',
-          lambda o, y: cosine(o['output'], targets(y)) + COSINE_XENT_LAMBDA * xent(o['logits'], y),
-          lambda o: o['logits'], needs_classifier=True),
-  }
-  if name not in table:
-    raise unknown('loss', name, table)
-  return table[name]
-
-
-NAMES = ('xent', 'xent_smooth', 'cosine', 'cosine_xent')
+  if name not in LOSSES:
+    raise unknown('loss', name, LOSSES)
+  return LOSSES[name](class_embeddings)

@@ -9,6 +9,7 @@ run prints its results again without training.
 import os
 
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
 from smallfx import cli
@@ -40,9 +41,27 @@ def _initialize_distributed():
                         'JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID') from None
 
 
+def _cpu_devices_for_members(config):
+  """Before JAX starts: one CPU device per group of members that run side by side.
+
+  An entry point owns its process, so it may set JAX's global config; the library
+  never does. Devices set by the user (XLA_FLAGS' --xla_force_host_platform_device_count,
+  JAX_NUM_CPU_DEVICES) are kept; other backends do not use these devices.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from smallfx import experiment  # pylint: disable=g-import-not-at-top
+  if (jax.config.jax_num_cpu_devices >= 0
+      or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')):
+    return
+  n = experiment.cpu_devices(config)
+  if n > 1:
+    jax.config.update('jax_num_cpu_devices', n)
+
+
 def main(argv):
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  from smallfx import experiment  # pylint: disable=g-import-not-at-top
   from smallfx import train  # pylint: disable=g-import-not-at-top
   path = config_flags.get_config_filename(flags.FLAGS['config'])
   try:
@@ -51,14 +70,33 @@ def main(argv):
   except OSError as e:
     raise cli.UserError(f'cannot load config {path}: '
                         f'{str(e).strip().splitlines()[-1].strip()}') from None
+  except AttributeError:  # get_config() returned something else, a dict say
+    raise cli.UserError(f'get_config() in {path} returned {type(_CONFIG.value).__name__}, '
+                        'not a ConfigDict') from None
   name = os.path.splitext(os.path.basename(path))[0]
   if config.distributed:
     _initialize_distributed()
   else:
-    train.cpu_devices_for_seeds(config)
-  train.train_and_evaluate(config, _WORKDIR.value or train.default_workdir(config, name))
+    _cpu_devices_for_members(config)
+  train.train_and_evaluate(config, _WORKDIR.value or experiment.default_workdir(config, name))
+
+
+def _config_help() -> str:
+  """--help's list of config keys, with the defaults that every config file starts from."""
+  from smallfx import config as base  # pylint: disable=g-import-not-at-top
+
+  def keys(c, prefix=''):
+    for k, v in c.items():
+      if isinstance(v, ml_collections.ConfigDict):
+        yield from keys(v, f'{prefix}{k}.')
+      else:
+        yield f'  --config.{prefix}{k}={v!r}'
+
+  return '\n'.join([
+      f'\nConfig keys, as the defaults of {base.__file__} (whose comments explain them);',
+      'the --config file changes some, and --config.KEY=VALUE any:', *keys(base.default())])
 
 
 if __name__ == '__main__':
   malloc.relaunch()
-  cli.run(main)
+  cli.run(main, help_text=_config_help)

@@ -1,4 +1,4 @@
-"""Runs the command-line entry points under tcmalloc where the machine has it.
+"""The allocator a CPU run lives under: one that keeps its freed memory.
 
 Why: XLA:CPU allocates each step's temporary buffers afresh on every execution
 (one block of 313 MB for ResNet-20 at batch 128, plus per-op scratch) and frees
@@ -6,28 +6,71 @@ them when the step ends. glibc's malloc hands blocks that large (above 32 MB, or
 64 MB from a worker thread, whatever `mallopt` says) to mmap and returns them
 with munmap, so every step faults its whole working set back in and the kernel
 zeroes it: ResNet-20 spent 145 ms of system time per ~400 ms step in 76,000 page
-faults. tcmalloc keeps freed memory for the next step. Train step, 2-core AMD
-EPYC, jax 0.10.2, glibc 2.36 vs tcmalloc 2.10 (`python tools/bench_malloc.py`,
-alternating processes; experiments/bench/README.md, change 6): ResNet-20 b128
-x1.22, ResNet-18 (96 px) x1.11, EfficientNet-Lite0 (96 px) x2.18, WRN-16-8
-x1.10, SmallCNN b32 and the MLP unchanged. glibc with mmap disabled and one
-arena removes the faults but not the time (lock contention); jemalloc 5.3 still
-faults.
+faults. An allocator that keeps freed memory for the next step removes that.
 
-An allocator is chosen when a process starts (LD_PRELOAD), so `relaunch()`
-re-executes the interpreter with the same command line under tcmalloc, once.
-Only entry points call it, from their `__main__` block: a library import must
-never replace the process it lives in (a notebook, a test runner).
+Which one (`ORDER`, the first that is installed; figures and commands in
+experiments/bench/allocators.md, `python tools/bench_malloc.py`, alternating
+processes, 2-core AMD EPYC, jax 0.10.2, glibc 2.36):
 
-SMALLFX_MALLOC=system keeps glibc's malloc and silences the hint.
+  tcmalloc  apt's libtcmalloc-minimal4 (2.10). ResNet-20 b128 x1.22 over glibc,
+            EfficientNet-Lite0 x2.18, ResNet-18 x1.11, WRN-16-8 x1.10, the small
+            nets unchanged (experiments/bench/README.md, change 6).
+  mimalloc  the `cmeel-mimalloc` wheel (3.4), a dependency of smallfx: what a pip-only
+            install gets. Run with `MIMALLOC_OPTIONS` below, which keep freed memory.
+  glibc     glibc's own malloc with `GLIBC_TUNABLES` below: no package at all.
+
+An allocator is chosen when a process starts (LD_PRELOAD, GLIBC_TUNABLES), so
+`relaunch()` re-executes the interpreter once, with the same command line, under the
+chosen one. Only entry points call it, from their `__main__` block: a library import
+must never replace the process it lives in (a notebook, a test runner). Whether it
+happens at all (a CPU run, CPU tuning on) is `smallfx.tuning.relaunch_allocator`'s
+decision: `relaunch()` is that function.
+
+SMALLFX_MALLOC chooses: unset (or `auto`) the first installed of `ORDER`; `system`
+glibc's malloc untouched (and no hint); `tcmalloc`, `mimalloc` or `glibc` that one.
+An allocator already preloaded by the user (LD_PRELOAD), or glibc tunables of the
+user's own, are kept. This module imports nothing beyond the standard library: it
+runs before anything else in an entry point's process.
 """
 
 import ctypes.util
+import importlib.metadata
 import os
+import pathlib
 import sys
 
 ENV = 'SMALLFX_MALLOC'
 INSTALL = 'apt-get install libtcmalloc-minimal4'
+PIP_INSTALL = 'pip install cmeel-mimalloc'
+
+# The best first (experiments/bench/allocators.md).
+ORDER = ('tcmalloc', 'mimalloc', 'glibc')
+
+# mimalloc 3.4's defaults return freed memory to the OS after 10 ms (`purge_delay`),
+# which brings back the page faults; -1 never does. Huge blocks (XLA's step buffer)
+# come from its arenas below `arena_max_object_size`.
+MIMALLOC_OPTIONS = {'MIMALLOC_PURGE_DELAY': '-1'}
+
+# glibc: its large blocks still come from mmap and go back with munmap, but in
+# transparent huge pages (madvise(MADV_HUGEPAGE), glibc 2.35 and later, where the
+# kernel's THP is not `never`): 512 times fewer page faults, each zeroing 2 MB at once.
+# Keeping the blocks instead (no mmap, one arena, no trim: glibc.malloc.mmap_max=0:
+# glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=...) was slower, and still
+# faulted in some runs (experiments/bench/allocators.md).
+GLIBC_TUNABLES = 'glibc.malloc.hugetlb=1'
+THP = '/sys/kernel/mm/transparent_hugepage/enabled'
+
+
+def glibc_huge_pages() -> bool:
+  """Whether glibc's malloc can ask for transparent huge pages here."""
+  try:
+    version = os.confstr('CS_GNU_LIBC_VERSION').split()[-1]  # 'glibc 2.36'
+    if tuple(int(v) for v in version.split('.')[:2]) < (2, 35):
+      return False
+    with open(THP) as f:
+      return '[never]' not in f.read()
+  except (ValueError, OSError, AttributeError, IndexError):
+    return False
 
 
 def library() -> str | None:
@@ -35,21 +78,74 @@ def library() -> str | None:
   return ctypes.util.find_library('tcmalloc_minimal') or ctypes.util.find_library('tcmalloc')
 
 
-def relaunch() -> None:
-  """Re-executes this process under tcmalloc; returns where it cannot or need not.
+def mimalloc_library() -> str | None:
+  """mimalloc's shared library from the cmeel-mimalloc wheel (or the system's), or None."""
+  try:
+    dist = importlib.metadata.distribution('cmeel-mimalloc')
+  except importlib.metadata.PackageNotFoundError:
+    dist = None
+  for f in (dist.files or []) if dist else []:
+    if pathlib.PurePosixPath(str(f)).name.startswith('libmimalloc.so'):
+      path = pathlib.Path(dist.locate_file(f))
+      if path.exists():
+        return str(path.resolve())
+  return ctypes.util.find_library('mimalloc')
 
-  Nothing happens off Linux, when the user chose (SMALLFX_MALLOC set, or any
-  allocator already in LD_PRELOAD), when this process is the relaunched one, or
-  when no tcmalloc is installed (`hint()` then says how to get it).
+
+def environment(name: str, env: dict | None = None) -> dict | None:
+  """The environment `env` (default: this process's) under allocator `name`.
+
+  None where `name` is not installed here. `system` drops smallfx's own settings.
   """
-  preload = os.environ.get('LD_PRELOAD', '')
-  if sys.platform != 'linux' or os.environ.get(ENV) or 'malloc' in preload:
+  env = dict(os.environ if env is None else env)
+  preload = env.get('LD_PRELOAD', '')
+  if name == 'system':
+    return env
+  if name == 'glibc':
+    if not glibc_huge_pages():
+      return None
+    env['GLIBC_TUNABLES'] = ':'.join(filter(None, [env.get('GLIBC_TUNABLES'), GLIBC_TUNABLES]))
+    return env
+  path = {'tcmalloc': library, 'mimalloc': mimalloc_library}[name]()
+  if not path:
+    return None
+  env['LD_PRELOAD'] = f'{path} {preload}'.strip()
+  if name == 'mimalloc':
+    env.update({k: env.get(k, v) for k, v in MIMALLOC_OPTIONS.items()})  # the user's win
+  return env
+
+
+def choice() -> str:
+  """The allocator a CPU run should start under: SMALLFX_MALLOC's, or the best installed."""
+  wanted = os.environ.get(ENV, 'auto')
+  if wanted != 'auto':
+    return wanted
+  for name in ORDER:
+    if environment(name, {}) is not None:
+      return name
+  return 'system'
+
+
+def user_chose() -> bool:
+  """Whether the allocator was set before smallfx looked (or by an earlier relaunch)."""
+  return ('malloc' in os.environ.get('LD_PRELOAD', '')
+          or 'glibc.malloc' in os.environ.get('GLIBC_TUNABLES', '')
+          or os.environ.get(ENV) == 'system')
+
+
+def relaunch_now(name: str) -> None:
+  """Re-executes this process under allocator `name`; returns where it cannot."""
+  if sys.platform != 'linux' or name == 'system' or user_chose():
     return
-  library_name = library()
-  if not library_name:
+  if name not in ORDER:
+    print(f'note: {ENV}={name} is not one of system, auto, {", ".join(ORDER)}; '
+          f'glibc\'s malloc is used', file=sys.stderr)
     return
-  env = dict(os.environ, LD_PRELOAD=f'{library_name} {preload}'.strip())
-  env[ENV] = 'tcmalloc'  # the relaunched process must not relaunch again
+  env = environment(name)
+  if env is None:
+    print(f'note: {ENV}={name}, but {name} is not installed here; glibc\'s malloc is used',
+          file=sys.stderr)
+    return
   sys.stdout.flush()
   sys.stderr.flush()
   try:
@@ -58,21 +154,39 @@ def relaunch() -> None:
     pass  # an interpreter that cannot be re-executed still runs, under glibc
 
 
-def active() -> bool:
-  """Whether tcmalloc is mapped into this process."""
+def relaunch() -> None:
+  """`smallfx.tuning.relaunch_allocator()`: entry points call it first thing."""
+  from smallfx import tuning  # pylint: disable=g-import-not-at-top
+  tuning.relaunch_allocator()
+
+
+def name() -> str:
+  """The allocator this process runs under: tcmalloc, mimalloc, glibc (tuned) or system."""
   try:
     with open('/proc/self/maps') as f:
-      return 'tcmalloc' in f.read()
+      maps = f.read()
   except OSError:
-    return False
+    maps = ''
+  for lib in ('tcmalloc', 'mimalloc', 'jemalloc'):
+    if lib in maps:
+      return lib
+  if 'glibc.malloc' in os.environ.get('GLIBC_TUNABLES', ''):
+    return 'glibc'
+  return 'system'
+
+
+def active() -> bool:
+  """Whether this process runs under an allocator that keeps freed memory."""
+  return name() != 'system'
 
 
 def hint(platform: str) -> str | None:
-  """One line for a CPU run that lacks tcmalloc, or None."""
+  """One line for a CPU run under glibc's untuned malloc, or None."""
   if platform != 'cpu' or sys.platform != 'linux' or os.environ.get(ENV) == 'system':
     return None
   if active() or 'malloc' in os.environ.get('LD_PRELOAD', ''):
     return None
-  return (f'note: without tcmalloc, XLA:CPU re-faults its step buffers every step '
-          f'(ResNets x1.2, EfficientNet x2 slower); `{INSTALL}` and smallfx uses it '
+  return (f'note: under glibc\'s malloc XLA:CPU re-faults its step buffers every step '
+          f'(ResNets x1.2, EfficientNet x2 slower); smallfx\'s entry points restart '
+          f'themselves under tcmalloc ({INSTALL}) or mimalloc ({PIP_INSTALL}) '
           f'({ENV}=system silences this)')

@@ -24,6 +24,7 @@ import numpy as np
 
 from smallfx import checkpoint
 from smallfx import cli
+from smallfx import data
 from smallfx import losses
 from smallfx import malloc
 from smallfx import models
@@ -36,19 +37,9 @@ flags.mark_flags_as_required(['workdir'])
 
 
 def read_images(paths, spec) -> np.ndarray:
-  """uint8 (N, H, W, C) at the model's size and channels."""
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
-  height, width = spec['image_size']
-  mode = 'L' if spec.get('channels', 3) == 1 else 'RGB'
-  images = []
-  for path in paths:
-    try:
-      with Image.open(path) as im:
-        im = im.convert(mode).resize((width, height), Image.BILINEAR)
-        images.append(np.asarray(im, np.uint8).reshape(height, width, -1))
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-      raise UserError(f'cannot read image {path}: {e}') from None
-  return np.stack(images)
+  """uint8 (N, H, W, C) at the model's size and channels, read as training reads them."""
+  size = tuple(spec['image_size'])
+  return np.stack([data.read_image(path, spec.get('channels', 3), size) for path in paths])
 
 
 def predictor(workdir: str):
@@ -74,6 +65,8 @@ def predictor(workdir: str):
       return jnp.mean(jax.vmap(probs, in_axes=(0, None))(v, x), axis=0)
     return probs(v, x)
 
+  if 'members' in spec:  # a run's chosen setting: its members that did not diverge
+    variables = jax.tree.map(lambda a: a[np.asarray(spec['members'], int)], variables)
   variables = jax.device_put(variables)
   return (lambda images: np.asarray(fn(variables, images))), spec
 

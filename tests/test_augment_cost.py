@@ -12,6 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'tools'))
 
 import augment_cost  # pylint: disable=g-import-not-at-top,wrong-import-position
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.mark.slow
@@ -39,19 +40,14 @@ def test_bad_spec_is_one_line_exit_2():
   assert 'flop' in r.stderr and 'Traceback' not in r.stderr
 
 
-def test_measure_with_seeds_and_given_data():
-  from smallfx import config as config_lib  # pylint: disable=g-import-not-at-top
-  c = config_lib.default()
-  c.model, c.batch_size, c.num_seeds, c.resample_per_seed = 'mlp', 4, 2, True
-  c.augment, c.num_steps = 'crop(pad=1)|flip|trivial', 10
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (2, 16, 8, 8, 1), dtype=np.uint8)
-  labels = rng.integers(0, 3, (2, 16)).astype(np.int32)
-  mean, std = np.full(1, 0.5, np.float32), np.full(1, 0.25, np.float32)
-  r = augment_cost.measure(c, repeats=2, steps=1, data=(3, mean, std, images, labels))
+def test_measure_with_seeds_and_synthetic_data():
+  c = harness.config(model='mlp', batch_size=4, num_seeds=2, resample_per_seed=True,
+                     samples_per_class=5, augment='crop(pad=1)|flip|trivial',
+                     dataset=harness.synthetic((8, 8, 1), 48, 3))
+  r = augment_cost.measure(c, repeats=2, steps=1)
   assert r['augment'] == c.augment
   assert r['t_with'] > 0 and r['t_without'] > 0 and r['t_augment'] > 0
   assert np.isclose(r['share'], (r['t_with'] - r['t_without']) / r['t_with'])
   assert np.isclose(r['alone_share'], r['t_augment'] / r['t_with'])
   assert r['cpu_share'] < 1 and r['cpu_alone_share'] > 0
-  assert r['detail']['num_seeds'] == 2
+  assert r['detail']['num_seeds'] == 2 and r['detail']['image_shape'] == [8, 8, 1]

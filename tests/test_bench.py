@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'tools'))
+
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_bench_quick_cnn(tmp_path):
@@ -30,7 +33,7 @@ def test_bench_quick_cnn(tmp_path):
 
 
 def test_bench_seeds_run_side_by_side_as_the_training_loop_does(tmp_path):
-  """On a CPU the K-seed step runs in a child process with one device per group of seeds."""
+  """On a CPU the K-member step runs in a child process with one device per group of members."""
   out = tmp_path / 'bench.json'
   subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench.py'), '--quick',
                   '--cases', 'seeds', '--seeds', '1,2', '--repeats', '1', '--steps', '2',
@@ -38,8 +41,8 @@ def test_bench_seeds_run_side_by_side_as_the_training_loop_does(tmp_path):
                  check=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
   (case,) = json.loads(out.read_text())['cases']
   one, two = case['by_k']['1']['vmapped'], case['by_k']['2']['vmapped']
-  assert one['seed_devices'] == 1
-  assert two['seed_devices'] == min(2, len(os.sched_getaffinity(0)))
+  assert one['member_devices'] == 1
+  assert two['member_devices'] == min(2, len(os.sched_getaffinity(0)))
   # Two seeds are twice one seed's maths, whichever devices run them.
   assert two['flops_per_step'] == pytest.approx(2 * one['flops_per_step'], rel=1e-3)
   for k in ('1', '2'):
@@ -55,13 +58,59 @@ def test_seed_layout_and_seed_runs_tools_run():
                         '--model', 'mlp', '--seeds', '2', '--steps', '2', '--rounds', '1'],
                        check=True, cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
   assert 'K=2: single x K' in out.stdout and 'in a row' in out.stdout
-  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_seed_runs.py'),
-                        '--seeds', '2', '--', '--config=configs/cosine.py', '--config.model=mlp',
-                        '--config.num_steps=5', '--config.baseline=none'],
+  # Members given as a sweep: 2 settings x 1 seed, against 2 separate runs.
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_seed_runs.py'), '--',
+                        '--config=configs/cosine.py', '--config.model=mlp',
+                        '--config.num_steps=5', '--config.baseline=none',
+                        '--config.sweep.learning_rate=0.05,0.1'],
                        check=True, cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
-  report = json.loads(out.stdout.strip().splitlines()[-1])
+  lines = out.stdout.strip().splitlines()
+  report = json.loads(lines[-1])
+  assert report['members'] == 2 and report['settings'] == [{'learning_rate': 0.05},
+                                                           {'learning_rate': 0.1}]
   assert len(report['separate_s']) == 2 and report['together_s'] > 0
-  assert report['together_results']['num_seeds'] == 2
+  assert report['together_results']['num_members'] == 2
+  assert '2 members (2 settings x 1 seeds) in one program' in lines[-2], lines[-2]
+  assert 'learning_rate=0.05' in lines[0] and 'seed=0' in lines[0], lines[0]
+
+
+def test_seed_runs_separate_flags_give_each_member_its_setting_and_seed():
+  import bench_seed_runs  # pylint: disable=g-import-not-at-top
+  from smallfx import members  # pylint: disable=g-import-not-at-top
+  grid = members.Grid({'learning_rate': (0.03, 0.1), 'weight_decay': (0.0,)}, num_seeds=2)
+  flags = bench_seed_runs.separate_flags(['--config=c.py'], grid, 5, 3)
+  assert flags == ['--config=c.py', '--config.sweep.learning_rate=',
+                   '--config.sweep.weight_decay=', '--config.learning_rate=0.1',
+                   '--config.weight_decay=0.0', '--config.seed=6', '--config.num_seeds=1']
+
+
+def test_checkout_is_a_temporary_worktree():
+  with harness.checkout('HEAD') as path:
+    assert os.path.isfile(os.path.join(path, 'smallfx', 'train.py'))
+    listed = subprocess.run(['git', '-C', ROOT, 'worktree', 'list'], capture_output=True,
+                            text=True, check=True).stdout
+    assert path in listed
+  assert not os.path.exists(path)
+  listed = subprocess.run(['git', '-C', ROOT, 'worktree', 'list'], capture_output=True,
+                          text=True, check=True).stdout
+  assert path not in listed
+  with harness.checkout(ROOT) as path:  # a folder is used as it is
+    assert path == ROOT
+
+
+@pytest.mark.slow
+def test_bench_ref_times_another_checkout_in_a_child(tmp_path):
+  out = tmp_path / 'bench.json'
+  # This very checkout as the reference: the same step, imported by a child process.
+  subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench.py'), '--quick',
+                  '--cases', 'cnn', '--repeats', '1', '--steps', '2', '--train-size', '64',
+                  '--no-torch', '--ref', ROOT, '--json', str(out)],
+                 check=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
+  (case,) = json.loads(out.read_text())['cases']
+  mine, ref = case['results']['smallfx'], case['results']['ref']
+  assert ref['images_per_sec'] > 0 and mine['speedup_vs_ref'] > 0
+  # Same program, same data, same seed: the same loss after the same steps.
+  assert ref['final_loss'] == pytest.approx(mine['final_loss'], rel=1e-4)
 
 
 def _tool_line(tool, prefix, *args):
@@ -103,20 +152,44 @@ def test_dispatch_tool_times_one_and_several_steps_per_dispatch():
     assert 'ms/step' in line and 'GFLOP/s' in line and ' 0.0 GFLOP/s' not in line, line
 
 
+@pytest.mark.slow
+def test_bench_ref_before_set_up_is_refused_in_one_line():
+  # fad8070: the last revision before smallfx.train.set_up (issue 22).
+  r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench.py'), '--quick',
+                      '--cases', 'cnn', '--no-torch', '--ref', 'fad8070'],
+                     cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600,
+                     capture_output=True, text=True)
+  assert r.returncode != 0
+  assert 'smallfx.train.set_up' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
 def test_host_flops_counts_the_step_the_device_counts():
   # On GPU the benchmark counts FLOPs on the host CPU (CUDA's plugin gives no cost
   # analysis): the host count must equal the device's own where both exist (CPU here),
   # and cover the step's matrix products.
-  sys.path.insert(0, os.path.join(ROOT, 'tools'))
-  import bench  # pylint: disable=g-import-not-at-top
-  from smallfx import config, train  # pylint: disable=g-import-not-at-top
-  images, labels = bench.data((8, 8, 1), 64)
   seeds, batch = 2, 8
-  run = bench.SmallfxRun(train, config, 'mlp', (8, 8, 1), batch, seeds, images, labels, 'cpu')
-  counted = bench.host_flops(run.make_step, (run.state, run.images, run.labels))
-  assert counted == pytest.approx(run.flops_per_step, rel=1e-6)
+  steps = harness.Steps(harness.config(model='mlp', batch_size=batch, num_seeds=seeds,
+                                       member_devices=1,
+                                       dataset=harness.synthetic((8, 8, 1), 64)))
+  counted = steps.host_flops()
+  assert counted == pytest.approx(steps.flops_per_step(), rel=1e-6)
   # By hand: the MLP's 64-256-256 layers and the 10-class head, forward and both
   # gradients (none for the input), per seed; the rest of the step is elementwise.
   layers = [(64, 256), (256, 256), (256, 10)]
   matmuls = seeds * (3 * sum(2 * batch * i * o for i, o in layers) - 2 * batch * 64 * 256)
   assert matmuls <= counted <= 1.5 * matmuls, (counted, matmuls)
+
+
+def test_harness_steps_are_the_runs_own():
+  """The harness steps a run as set_up makes it: its members, layout and data; twins share."""
+  steps = harness.Steps(harness.config(model='mlp', batch_size=8, num_seeds=2,
+                                       dataset=harness.synthetic((8, 8, 1), 64, 3)))
+  run = steps.train_run
+  assert run.dataset.num_classes == 3 and run.dataset.image_shape == (8, 8, 1)
+  assert len(run.dataset.train.labels) == 64  # the bench fields keep every image
+  assert len(steps.parts) == run.layout.rounds and steps.num_members == 2
+  twin = steps.twin()
+  steps.run(2)
+  twin.run(2)
+  assert twin.compiled is steps.compiled
+  assert np.isfinite(steps.loss()) and steps.loss() == pytest.approx(twin.loss(), rel=1e-5)

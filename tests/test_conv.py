@@ -12,6 +12,7 @@ import pytest
 from jax import lax
 from jax.experimental import serialize_executable
 
+from smallfx import tuning
 from smallfx.models import conv, onednn
 
 # (batch, size, C_in, C_out, kernel, stride, padding): every branch of `cpu_conv`
@@ -54,9 +55,12 @@ def _reference(x, w, stride, padding):
 
 @pytest.mark.parametrize('onednn_on', [False, True])
 @pytest.mark.parametrize('n,size,cin,cout,k,stride,padding', CASES)
-def test_cpu_conv_equals_lax_with_gradients(n, size, cin, cout, k, stride, padding, onednn_on,
-                                            monkeypatch):
-  monkeypatch.setattr(conv, 'ONEDNN', onednn_on)
+def test_cpu_conv_equals_lax_with_gradients(n, size, cin, cout, k, stride, padding, onednn_on):
+  with tuning.forced(True, onednn=onednn_on):
+    _check_cpu_conv(n, size, cin, cout, k, stride, padding)
+
+
+def _check_cpu_conv(n, size, cin, cout, k, stride, padding):
   kx, kw, kdy = jax.random.split(jax.random.key(size * k + stride), 3)
   x = jax.random.normal(kx, (n, size, size, cin))
   w = jax.random.normal(kw, (k, k, cin, cout))
@@ -70,8 +74,12 @@ def test_cpu_conv_equals_lax_with_gradients(n, size, cin, cout, k, stride, paddi
 
 
 @pytest.mark.parametrize('cin,stride', [(4, 1), (4, 2), (1, 1)])
-def test_gradients_under_vmap_as_seeds_use_them(cin, stride, monkeypatch):
-  monkeypatch.setattr(conv, 'ONEDNN', True)  # the oneDNN calls' vmap rule too
+def test_gradients_under_vmap_as_seeds_use_them(cin, stride):
+  with tuning.forced(True):  # the oneDNN calls' vmap rule too
+    _check_vmapped(cin, stride)
+
+
+def _check_vmapped(cin, stride):
   x = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, cin))
   w = jax.random.normal(jax.random.key(1), (3, 3, 3, cin, 6))
 
@@ -101,14 +109,14 @@ def test_module_matches_flax_conv(kw):
   chex.assert_trees_all_close(value_and_grad(ours), value_and_grad(theirs), atol=1e-3, rtol=1e-4)
 
 
-def test_kernel_gradient_stays_in_the_canonical_formulation(monkeypatch):
+def test_kernel_gradient_stays_in_the_canonical_formulation():
   """XLA swaps dy and x back (non-canonical, reversed) unless dy is x's size."""
-  monkeypatch.setattr(conv, 'ONEDNN', False)
   x = jnp.ones((8, 16, 16, 4))
   w = jnp.ones((3, 3, 4, 4))
-  grad = jax.jit(jax.grad(lambda w: jnp.sum(conv.cpu_conv(x, w, (1, 1), 'VALID') ** 2)))
-  convolutions = [line for line in grad.lower(w).compile().as_text().splitlines()
-                  if ' convolution(' in line]
+  with tuning.forced(True, onednn=False):
+    grad = jax.jit(jax.grad(lambda w: jnp.sum(conv.cpu_conv(x, w, (1, 1), 'VALID') ** 2)))
+    compiled = grad.lower(w).compile()
+  convolutions = [line for line in compiled.as_text().splitlines() if ' convolution(' in line]
   assert len(convolutions) == 2, convolutions  # the forward and the kernel gradient
   for line in convolutions:
     assert 'dim_labels=b01f_01io->b01f' in line and 'rhs_reversal' not in line, line
@@ -141,25 +149,36 @@ def test_onednn_is_available():
 
 @needs_onednn
 @pytest.mark.parametrize('k,stride', [(3, 1), (3, 2), (2, 2)])
-def test_layers_train_on_onednn_alone(k, stride, monkeypatch):
+def test_layers_train_on_onednn_alone(k, stride):
   """Forward, input and kernel gradient: three oneDNN calls, no XLA convolution."""
-  monkeypatch.setattr(conv, 'ONEDNN', True)
-  grad = jax.jit(jax.grad(
-      lambda x, w: jnp.sum(conv.cpu_conv(jnp.sin(x), w, (stride, stride), 'SAME') ** 2),
-      argnums=(0, 1)))
-  hlo = grad.lower(jnp.ones((4, 8, 8, 4)), jnp.ones((k, k, 4, 4))).compile().as_text()
+  hlo = _compiled_grad(jnp.ones((4, 8, 8, 4)), jnp.ones((k, k, 4, 4)), stride)
   for target in onednn.TARGETS.values():
     assert hlo.count(f'custom_call_target="{target}"') == 1, (target, hlo)
   assert ' convolution(' not in hlo
 
 
+def _compiled_grad(x, w, stride):
+  """The compiled gradient of a layer (both arguments) with CPU tuning and oneDNN on."""
+  with tuning.forced(True):
+    assert tuning.onednn_calls(), 'oneDNN convolutions did not build here'
+    grad = jax.jit(jax.grad(
+        lambda x, w: jnp.sum(conv.cpu_conv(jnp.sin(x), w, (stride, stride), 'SAME') ** 2),
+        argnums=(0, 1)))
+    return grad.lower(x, w).compile().as_text()
+
+
+@needs_onednn
 @pytest.mark.parametrize('stride', [1, 2])
-def test_pointwise_layers_stay_matrix_products(stride, monkeypatch):
-  """XLA fuses their elementwise neighbours into the product; a call would not."""
-  monkeypatch.setattr(conv, 'ONEDNN', True)
-  grad = jax.jit(jax.grad(
-      lambda w, x: jnp.sum(conv.cpu_conv(x, w, (stride, stride), 'SAME') ** 2)))
-  hlo = grad.lower(jnp.ones((1, 1, 4, 6)), jnp.ones((2, 8, 8, 4))).compile().as_text()
+def test_pointwise_layers_stay_matrix_products(stride):
+  """XLA fuses their elementwise neighbours into the product; a call would not.
+
+  Only meaningful where oneDNN is on (where it is not, nothing calls it anyway): a 3x3
+  layer of the same program shape must go to oneDNN, a 1x1 one (4 -> 6 channels, so
+  unblocked when strided) not.
+  """
+  x = jnp.ones((2, 8, 8, 4))
+  assert 'SmallfxConv' in _compiled_grad(x, jnp.ones((3, 3, 4, 6)), stride)
+  hlo = _compiled_grad(x, jnp.ones((1, 1, 4, 6)), stride)
   assert 'Smallfx' not in hlo, hlo
 
 
@@ -183,29 +202,44 @@ def test_onednn_calls_match_lax_in_and_out_of_jit(stride, padding):
 
 
 @needs_onednn
-def test_programs_with_onednn_calls_serialise(monkeypatch):
+def test_programs_with_onednn_calls_serialise():
   """What jax's persistent compilation cache stores: XLA's own oneDNN thunk failed here."""
-  monkeypatch.setattr(conv, 'ONEDNN', True)
-  grad = jax.jit(jax.grad(lambda w, x: jnp.sum(conv.cpu_conv(x, w, (1, 1), 'SAME') ** 2)))
-  compiled = grad.lower(jnp.ones((3, 3, 4, 4)), jnp.ones((2, 8, 8, 4))).compile()
+  with tuning.forced(True):
+    grad = jax.jit(jax.grad(lambda w, x: jnp.sum(conv.cpu_conv(x, w, (1, 1), 'SAME') ** 2)))
+    compiled = grad.lower(jnp.ones((3, 3, 4, 4)), jnp.ones((2, 8, 8, 4))).compile()
+  assert 'SmallfxConv' in compiled.as_text()
   payload, in_tree, out_tree = serialize_executable.serialize(compiled)
   restored = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
   args = jnp.ones((3, 3, 4, 4)), jnp.arange(2 * 8 * 8 * 4.).reshape(2, 8, 8, 4) / 512
   chex.assert_trees_all_close(restored(*args), compiled(*args))
 
 
-def test_onednn_probe_runs_inside_a_trace():
-  """Its first caller is a layer being traced: the probe must still compute, not stage."""
+def test_onednn_probe_runs_inside_a_trace(monkeypatch):
+  """A notebook's first layer may load a cached build: the probe must compute, not stage."""
   expected = onednn.available()
-  inside = jax.jit(lambda x: x * onednn.available.__wrapped__())(jnp.ones(()))
+  monkeypatch.setattr(onednn, '_available', [])  # a verdict not reached yet
+  inside = jax.jit(lambda x: x * onednn.available())(jnp.ones(()))
   assert bool(inside) == expected
 
 
-def test_onednn_off_gives_lax_programs(monkeypatch):
-  monkeypatch.setattr(conv, 'ONEDNN', False)
-  lowered = jax.jit(lambda x, w: conv.cpu_conv(x, w, (1, 1), 'SAME')).lower(
-      jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))).as_text()  # as lowered, on any backend
+@pytest.mark.parametrize('on', [True, False])
+def test_onednn_off_gives_lax_programs(on):
+  with tuning.forced(on, onednn=False):
+    lowered = jax.jit(lambda x, w: conv.cpu_conv(x, w, (1, 1), 'SAME')).lower(
+        jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))).as_text()  # as lowered, on any backend
   assert 'Smallfx' not in lowered and 'stablehlo.convolution' in lowered
+
+
+def test_tuning_off_gives_flax_programs():
+  """CPU tuning off: `Conv` lowers to what `nn.Conv` lowers to, rewrites and calls alike."""
+  x, w = jnp.ones((2, 8, 8, 1)), jnp.ones((3, 3, 1, 4))
+  programs = {}
+  for name, module in (('ours', conv.Conv(4, (3, 3))), ('flax', nn.Conv(4, (3, 3)))):
+    params = module.init(jax.random.key(0), x)
+    with tuning.forced(False):
+      programs[name] = jax.jit(jax.grad(lambda p, x: jnp.sum(module.apply(p, x) ** 2))).lower(
+          params, x).as_text()
+  assert programs['ours'] == programs['flax']
 
 
 @needs_onednn

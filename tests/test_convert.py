@@ -177,14 +177,33 @@ def test_pickled_objects_are_refused(tmp_path):
   torch = pytest.importorskip('torch')
   path = str(tmp_path / 'evil.pth')
   torch.save({'w': torch.zeros(2), 'obj': _Evil()}, path)
-  with pytest.raises(UserError, match='evil.pth is not a readable PyTorch weights file'):
+  with pytest.raises(UserError, match=r'evil.pth holds code or objects that are not plain '
+                     r'tensors \(posix.system\); it was not loaded'):
     convert.load_state_dict(path)
+
+
+def test_refused_file_never_suggests_turning_the_protection_off(tmp_path):
+  """torch's advice (weights_only=False, allow-listing the class) is not passed on."""
+  torch = pytest.importorskip('torch')
+  path = str(tmp_path / 'objects.pth')
+  torch.save({'w': torch.zeros(2), 'obj': _Plain()}, path)
+  with pytest.raises(UserError) as e:
+    convert.load_state_dict(path)  # tools/convert_torch.py prints it after 'error: '
+  message = str(e.value)
+  assert message.startswith(f'{path} holds code or objects that are not plain tensors ')
+  assert '_Plain' in message and 'was not loaded' in message and '\n' not in message
+  for advice in ('weights_only', 'safe_globals', 'trust'):
+    assert advice not in message, message
 
 
 class _Evil:
 
   def __reduce__(self):
     return (os.system, ('echo should never run',))
+
+
+class _Plain:
+  """An object torch's weights-only unpickler does not allow."""
 
 
 def _random_variables(arch, num_outputs, seeds=None, width=1.0):

@@ -74,3 +74,27 @@ def test_gradients_match_finite_differences(name):
 def test_unknown_loss_lists_valid_names():
   with pytest.raises(UserError, match='cosine_xent'):
     losses.get('cosin')
+
+
+def test_a_registered_loss_is_in_names(monkeypatch):
+  """NAMES is the table's own: a loss added there is in every test over NAMES."""
+  monkeypatch.setitem(losses.LOSSES, 'double_xent', lambda e: losses.Loss(
+      'double_xent', lambda o, y, h: 2 * losses.xent(o['output'], y), lambda o: o['output']))
+  assert 'double_xent' in losses.NAMES
+  assert losses.get('double_xent').name == 'double_xent'
+  with pytest.raises(UserError) as error:
+    losses.get('no such loss')
+  assert sorted(str(error.value).split('valid: ')[1].split(', ')) == sorted(losses.NAMES)
+
+
+@pytest.mark.parametrize('name, field', [('xent_smooth', 'label_smoothing'),
+                                         ('cosine_xent', 'cosine_xent_weight')])
+def test_loss_hyperparameters_are_values_not_constants(name, field):
+  """A loss's hyperparameter may be an array (a member's), and it changes the loss."""
+  loss = losses.get(name)
+  out = {'output': jnp.array([[2.0, -1.0, 0.5]]), 'logits': jnp.array([[0.3, 0.1, -0.2]])}
+  labels = jax.nn.one_hot(jnp.array([0]), 3)
+  f = jax.jit(lambda v: loss.per_example(out, labels, {field: v}))
+  assert float(f(jnp.float32(0.0))[0]) != float(f(jnp.float32(0.5))[0])
+  chex.assert_trees_all_close(loss.per_example(out, labels),
+                              f(jnp.float32(losses.HYPERPARAMS[field])))

@@ -1,4 +1,4 @@
-"""smallfx.malloc: entry points re-execute themselves once under tcmalloc."""
+"""smallfx.malloc: entry points re-execute themselves once under an allocator that keeps memory."""
 
 import json
 import os
@@ -17,50 +17,96 @@ SCRIPT = """
 import json, os, sys
 from smallfx import malloc
 malloc.relaunch()
-print(json.dumps([malloc.active(), sys.argv[1:], os.environ.get(malloc.ENV)]))
+print(json.dumps([malloc.name(), sys.argv[1:], os.environ.get('GLIBC_TUNABLES')]))
 """
+ARGS = ['two words', '--flag=1']
 
 needs_tcmalloc = pytest.mark.skipif(
     sys.platform != 'linux' or not malloc.library(),
     reason=f'no tcmalloc on this machine ({malloc.INSTALL}; .ci/run installs it)')
+needs_mimalloc = pytest.mark.skipif(
+    sys.platform != 'linux' or not malloc.mimalloc_library(),
+    reason=f'no mimalloc on this machine ({malloc.PIP_INSTALL})')
+linux = pytest.mark.skipif(sys.platform != 'linux', reason='allocators are chosen on Linux only')
 
 
-def _run(**env):
-  clean = {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', malloc.ENV)}
-  r = subprocess.run([sys.executable, '-c', SCRIPT, 'two words', '--flag=1'],
+def _run(*args, **env):
+  clean = {k: v for k, v in os.environ.items()
+           if k not in ('LD_PRELOAD', 'GLIBC_TUNABLES', malloc.ENV, 'SMALLFX_CPU_TUNING',
+                        'JAX_PLATFORMS') and not k.startswith('MIMALLOC_')}
+  r = subprocess.run([sys.executable, '-c', SCRIPT, *ARGS, *args],
                      env=dict(clean, **env), cwd=REPO, capture_output=True, text=True,
                      timeout=120, check=False)
   assert r.returncode == 0, r.stderr
   lines = r.stdout.strip().splitlines()
   assert len(lines) == 1, r.stdout
-  return json.loads(lines[0])
+  name, argv, tunables = json.loads(lines[0])
+  assert argv == [*ARGS, *args]
+  return name, tunables, r.stderr
 
 
 @needs_tcmalloc
-def test_relaunch_reruns_the_same_command_once_under_tcmalloc():
-  assert _run() == [True, ['two words', '--flag=1'], 'tcmalloc']
+def test_relaunch_reruns_the_same_command_once_under_the_best_installed():
+  assert _run(JAX_PLATFORMS='cpu')[0] == malloc.ORDER[0] == 'tcmalloc'
 
 
-@needs_tcmalloc
-def test_system_keeps_glibc():
-  assert _run(SMALLFX_MALLOC='system') == [False, ['two words', '--flag=1'], 'system']
+@needs_mimalloc
+def test_mimalloc_from_the_wheel():
+  assert _run(SMALLFX_MALLOC='mimalloc')[0] == 'mimalloc'
+
+
+@linux
+def test_glibc_tunables_need_no_package():
+  name, tunables, _ = _run(SMALLFX_MALLOC='glibc')
+  assert name == 'glibc' and tunables == malloc.GLIBC_TUNABLES
+
+
+@linux
+@pytest.mark.parametrize('env,args', [
+    (dict(SMALLFX_MALLOC='system'), []),
+    (dict(SMALLFX_CPU_TUNING='0'), []),  # the switch: no tuning, no allocator
+    (dict(JAX_PLATFORMS='cuda'), []),  # not a CPU run
+    ({}, ['--config.cpu_tuning=False']),
+    (dict(GLIBC_TUNABLES='glibc.malloc.arena_max=2'), []),  # the user's own choice
+])
+def test_no_relaunch(env, args):
+  name, tunables, _ = _run(*args, **env)
+  assert tunables == env.get('GLIBC_TUNABLES')
+  assert name == ('glibc' if tunables else 'system')
 
 
 def test_an_allocator_the_user_preloaded_is_kept():
   # An unloadable library in LD_PRELOAD only draws a loader warning; relaunch()
-  # must leave the choice alone rather than add tcmalloc to it.
-  assert _run(LD_PRELOAD='libnot_a_real_malloc.so') == [False, ['two words', '--flag=1'], None]
+  # must leave the choice alone rather than add another allocator to it.
+  assert _run(LD_PRELOAD='libnot_a_real_malloc.so')[0] == 'system'
 
 
-def test_hint_only_for_cpu_runs_without_tcmalloc(monkeypatch):
+@linux
+def test_an_allocator_not_installed_is_said(monkeypatch):
+  name, _, stderr = _run(SMALLFX_MALLOC='nosuchmalloc')
+  assert name == 'system' and 'nosuchmalloc' in stderr
+
+
+def test_choice_without_tcmalloc_is_what_pip_installed(monkeypatch):
+  monkeypatch.delenv(malloc.ENV, raising=False)
+  monkeypatch.setattr(malloc, 'library', lambda: None)
+  assert malloc.choice() == ('mimalloc' if malloc.mimalloc_library() else 'glibc')
+  monkeypatch.setattr(malloc, 'mimalloc_library', lambda: None)
+  assert malloc.choice() == 'glibc'
+  monkeypatch.setenv(malloc.ENV, 'system')
+  assert malloc.choice() == 'system'
+
+
+def test_hint_only_for_cpu_runs_on_untuned_glibc(monkeypatch):
   monkeypatch.delenv(malloc.ENV, raising=False)
   monkeypatch.delenv('LD_PRELOAD', raising=False)
-  monkeypatch.setattr(malloc, 'active', lambda: False)
+  monkeypatch.setattr(malloc, 'name', lambda: 'system')
   if sys.platform == 'linux':
-    assert malloc.INSTALL in malloc.hint('cpu')
+    assert 'SMALLFX_MALLOC=system' in malloc.hint('cpu')
   assert malloc.hint('gpu') is None
   monkeypatch.setenv(malloc.ENV, 'system')
   assert malloc.hint('cpu') is None
   monkeypatch.delenv(malloc.ENV)
-  monkeypatch.setattr(malloc, 'active', lambda: True)
-  assert malloc.hint('cpu') is None
+  for other in ('tcmalloc', 'mimalloc', 'glibc'):
+    monkeypatch.setattr(malloc, 'name', lambda other=other: other)
+    assert malloc.hint('cpu') is None

@@ -7,11 +7,12 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from smallfx import members
 from smallfx import metrics
-from smallfx import train
 
 from conftest import REPO, run_cli
 
@@ -50,17 +51,12 @@ def test_one_two_four_devices_agree(tmp_path):
 def test_step_is_partitioned_over_devices():
   """The batch really is split: the compiled step all-reduces gradients across devices."""
   code = '''
-import jax, jax.numpy as jnp
-from smallfx import config as base, data, train
+import jax
+from smallfx import config as base, train
 c = base.default(); c.width = 0.25
-ds = data.load(c)
-setup = train.build(c, ds.num_classes, len(ds.train.labels))
-mesh = train.make_mesh(c)
-step = train.make_train_step(setup, ds.num_classes, 0.5, 0.25, mesh)
-k = jax.random.key(0)[None]
-state = jax.vmap(lambda k: train.init_state(setup.model, setup.tx, ds.image_shape, k))(k)
-state = state.replace(rng=jax.random.key_data(state.rng))
-hlo = step.lower(state, ds.train.images, ds.train.labels).compile().as_text()
+run = train.set_up(c)
+state = run.initializer()[0]()
+hlo = run.train_step().lower(state, *run.training_data()).compile().as_text()
 print('ALLREDUCE' if 'all-reduce' in hlo else 'NONE', jax.device_count())
 '''
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
@@ -69,10 +65,17 @@ print('ALLREDUCE' if 'all-reduce' in hlo else 'NONE', jax.device_count())
   assert out.stdout.split() == ['ALLREDUCE', '4']
 
 
-@pytest.mark.parametrize('num_seeds, cores, groups', [
+@pytest.mark.parametrize('num_members, cores, groups', [
     (8, 2, 2), (3, 2, 1), (6, 4, 3), (1, 16, 1), (8, 16, 8), (4, 1, 1)])
-def test_seed_groups(num_seeds, cores, groups):
-  assert train.seed_groups(num_seeds, cores) == groups
+def test_cpu_devices_for_members(num_members, cores, groups):
+  assert members.cpu_devices(num_members, 0, cores) == groups
+
+
+def test_cpu_devices_leave_the_process_config_alone():
+  """A library call must not change JAX's global config; only an entry point may."""
+  before = jax.config.jax_num_cpu_devices
+  assert members.cpu_devices(8, 0, 2) == 2
+  assert jax.config.jax_num_cpu_devices == before
 
 
 def test_seeds_side_by_side_on_cpu_cores(tmp_path):
@@ -80,7 +83,7 @@ def test_seeds_side_by_side_on_cpu_cores(tmp_path):
   cores = len(os.sched_getaffinity(0))
   args = [*ARGS, '--config.num_seeds=2']
   runs = {}
-  for name, extra in (('side', []), ('one', ['--config.seed_devices=1'])):
+  for name, extra in (('side', []), ('one', ['--config.member_devices=1'])):
     runs[name] = tmp_path / name
     r = run_cli('smallfx.main', *args, *extra, f'--workdir={runs[name]}',
                 env={'XLA_FLAGS': None, 'JAX_NUM_CPU_DEVICES': None})
@@ -96,18 +99,13 @@ def test_side_by_side_step_keeps_each_seed_on_its_device():
   """Seeds over 2 CPU devices: no all-reduce, and each device's convolutions on oneDNN."""
   code = '''
 import jax
-from smallfx import config as base, data, train
+from smallfx import config as base, train
 from smallfx.models import onednn
 c = base.default(); c.width = 0.25; c.num_seeds = 4
-ds = data.load(c)
-setup = train.build(c, ds.num_classes, len(ds.train.labels))
-mesh = train.make_mesh(c)
-step = train.make_train_step(setup, ds.num_classes, 0.5, 0.25, mesh)
-keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jax.numpy.arange(4))
-state = jax.vmap(lambda k: train.init_state(setup.model, setup.tx, ds.image_shape, k))(keys)
-state = train.place_state(state.replace(rng=jax.random.key_data(state.rng)), mesh)
-hlo = step.lower(state, ds.train.images, ds.train.labels).compile().as_text()
-print(dict(mesh.shape)['seed'], 'all-reduce' in hlo, 'SmallfxConv' in hlo, onednn.available())
+run = train.set_up(c)
+state = run.initializer()[0]()
+hlo = run.train_step().lower(state, *run.training_data()).compile().as_text()
+print(run.layout.member_devices, 'all-reduce' in hlo, 'SmallfxConv' in hlo, onednn.available())
 '''
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
                        env=dict(os.environ, **devices(2)), timeout=300)
@@ -121,19 +119,17 @@ def test_seed_rounds_keep_each_seed_on_its_device():
   """8 seeds on 4 CPU devices: 2 calls a step, each with one seed per device, no copies."""
   code = '''
 import jax, jax.numpy as jnp, numpy as np
-from smallfx import config as base, train
-c = base.default(); c.num_seeds = 8
-mesh = train.make_mesh(c)
-rounds = train.seed_rounds(mesh, 8)
-tree = {'w': jnp.arange(8 * 3.0).reshape(8, 3), 'step': jnp.arange(8)}
-tree = jax.device_put(tree, train._shardings(mesh)[0])
-parts = train.split_seeds(tree, rounds, mesh)
+from smallfx import members
+layout = members.make_layout(8)
+rounds = layout.rounds
+tree = layout.place({'w': jnp.arange(8 * 3.0).reshape(8, 3), 'step': jnp.arange(8)})
+parts = layout.split(tree)
 home = {int(s): sh.device for sh in tree['step'].addressable_shards for s in np.asarray(sh.data)}
 moved = [int(s) for p in parts for sh in p['step'].addressable_shards
          for s in np.asarray(sh.data) if sh.device != home[int(s)]]
-back = train.join_seeds(parts, mesh)
+back = layout.join(parts)
 same = all(np.array_equal(back[k], tree[k]) for k in tree) and back['w'].sharding == tree['w'].sharding
-order = train.window_metrics([[{'loss': p['step']} for p in parts]])['loss']
+order = members.window([[{'loss': p['step']} for p in parts]])['loss']
 print(rounds, [np.asarray(p['step']).tolist() for p in parts], moved, same, order.tolist()[0])
 '''
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
@@ -142,14 +138,20 @@ print(rounds, [np.asarray(p['step']).tolist() for p in parts], moved, same, orde
   assert out.stdout.split('\n')[0] == '2 [[0, 2, 4, 6], [1, 3, 5, 7]] [] True [0, 1, 2, 3, 4, 5, 6, 7]'
 
 
-def test_seeds_on_devices_and_resume(tmp_path):
-  args = [*ARGS, '--config.num_seeds=4', '--config.resample_per_seed=True']
+def member_accuracies(workdir):
+  return [m['test_accuracy'] for m in results(workdir)['members']]
+
+
+def test_members_on_devices_and_resume(tmp_path):
+  """2 seeds x 2 settings, each seed its own sub-sample: any device layout, resumed or not."""
+  args = [*ARGS, '--config.num_seeds=2', '--config.resample_per_seed=True',
+          '--config.sweep.learning_rate=0.05,0.2']
   workdir = tmp_path / 'run'
   r = run_cli('smallfx.main', *args, f'--workdir={workdir}', env=devices(4))
   assert r.returncode == 0, r.stderr
   first = results(workdir)
-  assert len(first['test_accuracy_per_seed']) == 4
-  assert len(set(first['test_accuracy_per_seed'])) > 1
+  assert first['num_members'] == 4 and len(first['test_accuracy_per_seed']) == 2
+  assert len(set(member_accuracies(workdir))) > 1
   assert 'ensemble' in r.stdout and 0 <= first['test_ensemble_accuracy'] <= 1
   np.testing.assert_allclose(first['test_accuracy'], np.mean(first['test_accuracy_per_seed']))
   # Drop the final checkpoint and the results: the run resumes from step 20 on a
@@ -160,21 +162,22 @@ def test_seeds_on_devices_and_resume(tmp_path):
   assert r.returncode == 0, r.stderr
   second = results(workdir)
   assert second['resumed_from_step'] == 20
-  np.testing.assert_allclose(second['test_accuracy_per_seed'], first['test_accuracy_per_seed'],
-                             atol=2 / 535)
-  # And both match the seeds trained on one device.
+  np.testing.assert_allclose(member_accuracies(workdir),
+                             [m['test_accuracy'] for m in first['members']], atol=2 / 535)
+  assert second['chosen_setting'] == first['chosen_setting']
+  # And both match the members trained on one device.
   one = tmp_path / 'one'
-  r = run_cli('smallfx.main', *args, '--config.seed_devices=1', f'--workdir={one}',
+  r = run_cli('smallfx.main', *args, '--config.member_devices=1', f'--workdir={one}',
               env=devices(1))
   assert r.returncode == 0, r.stderr
-  np.testing.assert_allclose(results(one)['test_accuracy_per_seed'],
-                             first['test_accuracy_per_seed'], atol=2 / 535)
+  np.testing.assert_allclose(member_accuracies(one), [m['test_accuracy'] for m in first['members']],
+                             atol=2 / 535)
 
 
 def test_seeds_over_some_cpu_devices_is_refused(tmp_path):
-  r = run_cli('smallfx.main', *ARGS, '--config.num_seeds=2', '--config.seed_devices=2',
+  r = run_cli('smallfx.main', *ARGS, '--config.num_seeds=2', '--config.member_devices=2',
               f'--workdir={tmp_path}', env=devices(4))
-  assert r.returncode == 2 and 'seeds take all 4 devices' in r.stderr, r.stderr
+  assert r.returncode == 2 and 'members take all 4 devices' in r.stderr, r.stderr
 
 
 def _free_port():

@@ -1,6 +1,7 @@
 """The training path: the jitted step, seeds, outputs, resume and user errors."""
 
 import collections
+import dataclasses
 import importlib.util
 import json
 import os
@@ -18,9 +19,13 @@ import pytest
 from smallfx import checkpoint
 from smallfx import config as base
 from smallfx import cli
-from smallfx import data as data_lib
+from smallfx import evaluation
+from smallfx import experiment
 from smallfx import metrics
+from smallfx import members
+from smallfx import steps as steps_lib
 from smallfx import train
+from smallfx import tuning
 
 from conftest import REPO, run_cli
 
@@ -37,21 +42,17 @@ def small_config(**kw):
 
 
 def _setup(config):
-  ds = data_lib.load(config)
-  setup = train.build(config, ds.num_classes, len(ds.train.labels))
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(config.seed), i))(
-      jnp.arange(config.num_seeds))
-  state = jax.vmap(lambda k: train.init_state(setup.model, setup.tx, ds.image_shape, k))(keys)
-  state = state.replace(rng=jax.random.key_data(state.rng))
-  return ds, setup, train.place_state(state, train.make_mesh(config))
+  run = train.set_up(config)
+  init, _ = run.initializer()
+  return run, init()
 
 
 def test_train_step_compiles_once_and_learns(monkeypatch):
   config = small_config(loss='cosine_xent')
-  ds, setup, state = _setup(config)
-  monkeypatch.setattr(train, 'update', chex.assert_max_traces(train.update, n=1))
-  step = train.make_train_step(setup, ds.num_classes, 0.5, 0.25, train.make_mesh(config))
-  images, labels = jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)
+  monkeypatch.setattr(steps_lib, 'update', chex.assert_max_traces(steps_lib.update, n=1))
+  run, state = _setup(config)
+  step = run.train_step()
+  images, labels = run.training_data()
   losses = []
   for _ in range(30):
     state, m = step(state, images, labels)
@@ -64,13 +65,10 @@ def test_train_step_compiles_once_and_learns(monkeypatch):
 
 
 def test_seeds_are_independent_and_seed0_matches_a_single_run():
-  one = _setup(small_config(num_seeds=1))
-  three = _setup(small_config(num_seeds=3))
-  ds, setup, s1 = one
-  _, setup3, s3 = three
-  step1 = train.make_train_step(setup, ds.num_classes, 0.5, 0.25)
-  step3 = train.make_train_step(setup3, ds.num_classes, 0.5, 0.25)
-  images, labels = jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)
+  run1, s1 = _setup(small_config(num_seeds=1))
+  run3, s3 = _setup(small_config(num_seeds=3))
+  step1, step3 = run1.train_step(), run3.train_step()
+  images, labels = run1.training_data()
   for _ in range(5):
     s1, m1 = step1(s1, images, labels)
     s3, m3 = step3(s3, images, labels)
@@ -82,11 +80,11 @@ def test_seeds_are_independent_and_seed0_matches_a_single_run():
 
 
 def test_unrolled_and_vmapped_seeds_agree():
-  ds, setup, state = _setup(small_config(num_seeds=2))
-  images, labels = jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)
+  run, state = _setup(small_config(num_seeds=2))
+  images, labels = run.training_data()
   results = []
   for unroll in (False, True):
-    step = train.make_train_step(setup, ds.num_classes, 0.5, 0.25, unroll=unroll)
+    step = run.train_step(layout=dataclasses.replace(run.layout, unroll=unroll))
     s = jax.tree.map(jnp.copy, state)
     for _ in range(3):
       s, m = step(s, images, labels)
@@ -95,14 +93,15 @@ def test_unrolled_and_vmapped_seeds_agree():
 
 
 def test_evaluate_pads_last_batch_and_counts_every_image():
-  config = small_config(num_seeds=2)
-  ds, setup, state = _setup(config)
-  ev = train.make_eval_step(setup, ds.num_classes, 0.5, 0.25)
-  full = train.evaluate(ev, [state], ds.test, batch_size=len(ds.test.labels))
-  chunked = train.evaluate(ev, [state], ds.test, batch_size=64)  # 535 = 8 * 64 + 23
-  np.testing.assert_allclose(chunked['accuracy_per_seed'], full['accuracy_per_seed'])
-  np.testing.assert_allclose(chunked['loss_per_seed'], full['loss_per_seed'], rtol=1e-5)
+  run, state = _setup(small_config(num_seeds=2))
+  ev, test = run.eval_step(), run.dataset.test
+  both = {'both': [0, 1]}
+  full = evaluation.evaluate(ev, [state], test, len(test.labels), both)
+  chunked = evaluation.evaluate(ev, [state], test, 64, both)  # 535 = 8 * 64 + 23
+  np.testing.assert_allclose(chunked['accuracy'], full['accuracy'])
+  np.testing.assert_allclose(chunked['loss'], full['loss'], rtol=1e-5)
   assert chunked['ensemble_accuracy'] == full['ensemble_accuracy']
+  chex.assert_shape(full['accuracy'], (2,))
 
 
 def test_main_writes_outputs_and_reports_again(tmp_path):
@@ -262,28 +261,14 @@ def test_compilation_cache_folder_and_switch(monkeypatch):
 @pytest.mark.parametrize('model', ['cnn', 'resnet20'])
 def test_quickly_compiled_init_gives_the_same_state(model):
   """The init program's options change its compile time, not one bit of the state."""
-  config = small_config(model=model, num_seeds=2)
-  setup = train.build(config, 10, 100)
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(2))
-  init = jax.vmap(lambda k: train.init_state(setup.model, setup.tx, (8, 8, 3), k))
-  mesh = train.make_mesh(config)
-  quick = jax.jit(init, compiler_options=train.init_compiler_options(mesh))(keys)
-  full = jax.jit(init)(keys)
+  exp = experiment.resolve(small_config(model=model, num_seeds=2))
+  setup = experiment.build(exp, 10, 100, (8, 8, 3))
+  keys = members.seed_keys(3, exp.grid)
+  hyper = experiment.member_hyperparams(exp)
+  init = jax.vmap(lambda k, h: steps_lib.init_state(setup.model, setup.tx, (8, 8, 3), k, h))
+  options = tuning.init_compiler_options(jax.default_backend())
+  quick = jax.jit(init, compiler_options=options)(keys, hyper)
+  full = jax.jit(init)(keys, hyper)
   if jax.default_backend() == 'cpu':
-    assert train.init_compiler_options(mesh)
-  chex.assert_trees_all_equal(jax.random.key_data(quick.rng), jax.random.key_data(full.rng))
-  chex.assert_trees_all_equal(quick.replace(rng=None), full.replace(rng=None))
-
-
-def test_cpu_compiler_options_are_probed():
-  mesh = jax.make_mesh((1, 1), ('seed', 'data'), (jax.sharding.AxisType.Auto,) * 2)
-  expected = train.CPU_OPTIONS if train._cpu_options_accepted() else None
-  assert train.compiler_options(mesh) == expected
-  saved = train.CPU_OPTIONS
-  try:
-    train.CPU_OPTIONS = {'xla_cpu_no_such_option': 'x'}
-    train._cpu_options_accepted.cache_clear()
-    assert train.compiler_options(mesh) is None  # an unknown option must not break compiles
-  finally:
-    train.CPU_OPTIONS = saved
-    train._cpu_options_accepted.cache_clear()
+    assert options
+  chex.assert_trees_all_equal(quick, full)

@@ -4,14 +4,16 @@
                                  [--augment SPEC ...] [--seeds 1] [--samples-per-class 10]
                                  [--repeats 7] [--steps 10] [--json FILE] [--quick]
 
-For each pipeline SPEC this times, on the same data and state layout as a training run:
+For each pipeline SPEC this times, on the data and state a training run has
+(`tools/harness.py`: the run as `smallfx.train.set_up` sets it up, its members on this
+process's one device):
 
-  with      the jitted step of `smallfx.train.make_train_step` (draw, augment,
-            normalise, forward, backward, update) built with `augment=SPEC`;
-  without   the same step built with `augment='none'`;
-  augment   the pipeline alone (`smallfx.augment.build(SPEC)`), jitted, on one
-            fixed batch of the training images (float, [0, 1], one-hot labels),
-            vmapped over the seeds like the step, a fresh key per call.
+  with      the run's compiled train step (draw, augment, normalise, forward,
+            backward, update) with `augment=SPEC`;
+  without   the same step with `augment='none'`;
+  augment   the pipeline alone (the run's `exp.augment`), jitted, on one fixed batch of
+            the training images (float, [0, 1], one-hot labels), vmapped over the
+            members like the step, a fresh key per call.
 
 Compilation and two warm-up calls are excluded. Then `--repeats` rounds, each
 running `--steps` calls of every variant back to back (the order rotated from
@@ -29,248 +31,143 @@ share differ when XLA overlaps or fuses the pipeline with the rest of the step;
 costs less than the timing noise it is noise (even negative), and `alone_share`
 is then the tighter bound.
 
-`measure(config, repeats, steps)` is the library entry point (tools/bench.py can
-import it): it times `config.augment` against 'none' and returns a dict.
+`measure(config, repeats, steps)` is the library entry point (tools/bench.py imports
+it): it times `config.augment` against 'none' and returns a dict. A config's data can
+be synthetic: `config.dataset = harness.synthetic(shape, n)`.
 """
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+import harness  # tools/ is on the path of a script in it
+from smallfx import malloc
 
 # The default specs timed by the command line: the library default plus the
 # pipelines compared in experiments/augment/.
 DEFAULT_SPECS = ('crop(pad=2)|flip', 'crop(pad=4)|flip', 'crop(pad=2)|flip|trivial')
 
 
-def cpu_model() -> str:
-  """lscpu's model name (what the README tables quote), else platform's guess."""
-  try:
-    out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-      if line.startswith('Model name'):
-        return line.split(':', 1)[1].strip()
-  except (OSError, subprocess.CalledProcessError):
-    pass
-  return platform.processor() or platform.machine()
-
-
-def _stats(times):
-  times = sorted(times)
-  return {'median': float(np.median(times)), 'min': float(times[0]), 'max': float(times[-1])}
-
-
-class _Variant:
-  """One thing to time: a callable run `steps` times, blocking at the end.
-
-  Records wall time and this process's CPU time (all threads) per call. On a
-  machine shared with other jobs the wall time swings with their load; the CPU
-  time is the work done, and is the steadier measure of what a pipeline adds.
-  """
-
-  def __init__(self, name, call):
-    self.name, self.call, self.times, self.cpu_times = name, call, [], []
-
-  def round(self, steps):
-    c, t = time.process_time(), time.perf_counter()
-    self.call(steps)
-    self.times.append((time.perf_counter() - t) / steps)
-    self.cpu_times.append((time.process_time() - c) / steps)
-
-
-def _step_variant(name, train, config, spec, num_classes, mean, std, images, labels,
-                  per_seed):
-  """The real train step of `config` with `augment=spec`, state and data on the device."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+def _step(config, spec) -> harness.Steps:
+  """The run of `config` with `augment=spec`: its compiled step, state and data."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
     c.augment = spec
-  train_size = labels.shape[-1]
-  setup = train.build(c, num_classes, train_size)
-  mesh = train.make_mesh(c)
-  state_sharding, _, replicated = train._shardings(mesh)  # pylint: disable=protected-access
-  step = train.make_train_step(setup, num_classes, mean, std, mesh, per_seed)
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(c.seed), i))(
-      jnp.arange(c.num_seeds))
-  image_shape = images.shape[-3:]
-  state = jax.jit(jax.vmap(lambda k: train.init_state(setup.model, setup.tx, image_shape,
-                                                      k)))(keys)
-  state = jax.device_put(state.replace(rng=jax.random.key_data(state.rng)), state_sharding)
-  data_sharding = state_sharding if per_seed else replicated
-  images_dev = jax.device_put(images, data_sharding)
-  labels_dev = jax.device_put(labels, data_sharding)
-  t = time.perf_counter()
-  compiled = step.lower(state, images_dev, labels_dev).compile()
-  compile_s = time.perf_counter() - t
-  box = {'state': state}
-
-  def call(steps):
-    s = box['state']
-    for _ in range(steps):
-      s, m = compiled(s, images_dev, labels_dev)
-    jax.block_until_ready((s, m))
-    box['state'] = s
-
-  v = _Variant(name, call)
-  v.compile_s = compile_s
-  return v
+  return harness.Steps(c)
 
 
-def _augment_variant(name, spec, config, num_classes, images, labels, per_seed):
-  """The pipeline alone on one fixed batch, vmapped over seeds, a new key per call."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from smallfx import augment as augment_lib  # pylint: disable=g-import-not-at-top
-  apply = augment_lib.build(spec)
-  k, b = config.num_seeds, config.batch_size
-  # The first `batch` training images of each seed's split, as the step sees them.
-  x = images[:, :b] if per_seed else np.broadcast_to(images[:b], (k, *images[:b].shape))
-  y = labels[:, :b] if per_seed else np.broadcast_to(labels[:b], (k, b))
-  x = jnp.asarray(np.asarray(x), jnp.float32) / 255.0
-  y = jax.nn.one_hot(jnp.asarray(np.asarray(y)), num_classes)
-  seed_keys = jax.random.split(jax.random.key(config.seed), k)
+class _AugmentAlone:
+  """The pipeline of `steps`' run alone, on its first batch, vmapped over the members.
 
-  def run(keys, i, x, y):
-    keys = jax.vmap(lambda kk: jax.random.fold_in(kk, i))(keys)
-    return jax.vmap(apply)(keys, x, y)
+  The batch is an argument, not a closed-over constant that XLA could fold (padding,
+  blurs and lumas of a constant image cost nothing at run time); a new key per call.
+  """
 
-  # The batch is an argument, not a closed-over constant that XLA could fold
-  # (padding, blurs and lumas of a constant image cost nothing at run time).
-  fn = jax.jit(run)
-  t = time.perf_counter()
-  compiled = fn.lower(seed_keys, jnp.int32(0), x, y).compile()
-  compile_s = time.perf_counter() - t
-  counter = [0]
+  def __init__(self, steps: harness.Steps):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    self.jax = jax
+    exp = steps.train_run.exp
+    images, labels = (np.asarray(a) for a in steps.data[0])
+    b = exp.batch_size
+    if exp.resample_per_seed:  # each member's own split: (members, N, ...)
+      x, y = images[:, :b], labels[:, :b]
+    else:
+      x = np.broadcast_to(images[:b], (exp.num_members, *images[:b].shape))
+      y = np.broadcast_to(labels[:b], (exp.num_members, b))
+    self.x = jnp.asarray(x, jnp.float32) / 255.0
+    self.y = jax.nn.one_hot(jnp.asarray(y), steps.train_run.dataset.num_classes)
+    self.keys = jax.random.split(jax.random.key(exp.seed), len(x))
+    apply = steps.train_run.setup.augment
 
-  def call(steps):
+    def run(keys, i, x, y):
+      keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+      return jax.vmap(apply)(keys, x, y)
+
+    t = time.perf_counter()
+    self.compiled = jax.jit(run).lower(self.keys, jnp.int32(0), self.x, self.y).compile()
+    self.compile_seconds = time.perf_counter() - t
+    self.calls = 0
+
+  def run(self, steps):
     out = None
     for _ in range(steps):
-      counter[0] += 1
-      out = compiled(seed_keys, jnp.int32(counter[0]), x, y)
-    jax.block_until_ready(out)
-
-  v = _Variant(name, call)
-  v.compile_s = compile_s
-  return v
-
-
-def _load(config):
-  """The run's training data exactly as train_and_evaluate lays it out."""
-  from smallfx import data as data_lib  # pylint: disable=g-import-not-at-top
-  dataset = data_lib.load(config)
-  train_float = dataset.train.images.astype(np.float32) / 255.0
-  mean = train_float.mean(axis=(0, 1, 2))
-  std = np.maximum(train_float.std(axis=(0, 1, 2)), 1e-3)
-  if config.resample_per_seed:
-    splits = [dataset.train] + [data_lib.resample_train(dataset, config, k)
-                                for k in range(1, config.num_seeds)]
-    images = np.stack([s.images for s in splits])
-    labels = np.stack([s.labels for s in splits])
-  else:
-    images, labels = dataset.train.images, dataset.train.labels
-  return dataset.num_classes, mean, std, images, labels
+      self.calls += 1
+      out = self.compiled(self.keys, self.calls, self.x, self.y)
+    self.jax.block_until_ready(out)
 
 
 def measure_specs(config, specs, repeats: int = 7, steps: int = 10, warmup: int = 2,
-                  data=None, log=None) -> dict:
+                  log=None) -> dict:
   """Times the step without augmentation and, per spec, with it and the pipeline alone.
 
-  `data` = (num_classes, mean, std, images_u8, labels) replaces loading `config.dataset`
-  (images (N, H, W, C) uint8, or (seeds, N, H, W, C) with `config.resample_per_seed`).
   Returns {'without': stats, 'specs': {spec: {...}}, ...}; times are seconds per call.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from smallfx import train  # pylint: disable=g-import-not-at-top
   from smallfx import augment as augment_lib  # pylint: disable=g-import-not-at-top
-  log = log or (lambda *_: None)
   specs = list(dict.fromkeys(specs))
   for spec in specs:
-    augment_lib.build(spec)  # a bad spec fails here, before any compile
-  num_classes, mean, std, images, labels = data or _load(config)
-  per_seed = bool(config.resample_per_seed)
-  common = (train, config)
-  variants = [_step_variant('without', *common, 'none', num_classes, mean, std, images,
-                            labels, per_seed)]
+    if spec != 'auto':  # (the run picks that one by image size)
+      augment_lib.build(spec)  # a bad spec fails here, before any compile
+  runners = {'without': _step(config, 'none')}
   for spec in specs:
-    variants.append(_step_variant(('with', spec), *common, spec, num_classes, mean, std,
-                                  images, labels, per_seed))
-    variants.append(_augment_variant(('augment', spec), spec, config, num_classes, images,
-                                     labels, per_seed))
-  log(f'compiled {len(variants)} functions; warm-up {warmup} call(s) each')
-  for v in variants:
-    v.call(warmup)
-  for r in range(repeats):
-    # Rotate the order so that no variant always runs first (or last) in a round.
-    shift = r % len(variants)
-    for v in variants[shift:] + variants[:shift]:
-      v.round(steps)
-    log(f'round {r + 1}/{repeats}: ' + ', '.join(
-        f'{v.name if isinstance(v.name, str) else v.name[0] + " " + v.name[1]} '
-        f'{1e3 * v.times[-1]:.1f} ms' for v in variants))
-
-  without = variants[0]
-  t_without = _stats(without.times)
+    runners[f'with {spec}'] = _step(config, spec)
+    runners[f'augment {spec}'] = _AugmentAlone(runners[f'with {spec}'])
+  (log or (lambda *_: None))(f'compiled {len(runners)} functions; warm-up {warmup} call(s) each')
+  for r in runners.values():
+    r.run(warmup)
+  timed = harness.interleave(runners, steps, repeats, log=log)
+  wall = {n: [t / steps for t in ts] for n, ts in timed['wall'].items()}
+  cpu = {n: [t / steps for t in ts] for n, ts in timed['cpu'].items()}
+  run = runners['without'].train_run
   out = {
       'model': config.model, 'width': config.width, 'dataset': config.dataset,
-      'image_shape': list(images.shape[-3:]), 'batch_size': config.batch_size,
-      'num_seeds': config.num_seeds, 'resample_per_seed': per_seed,
+      'image_shape': list(run.dataset.image_shape[:2]) + [len(run.mean)],
+      'batch_size': config.batch_size, 'num_seeds': config.num_seeds,
+      'resample_per_seed': bool(config.resample_per_seed),
       'samples_per_class': config.samples_per_class, 'repeats': repeats, 'steps': steps,
       'warmup': warmup, 'units': 'seconds per call (one train step / one pipeline call)',
-      'without': {**t_without, 'cpu': _stats(without.cpu_times),
-                  'compile_s': without.compile_s},
-      'specs': {},
-      'cpu': cpu_model(), 'cores': len(os.sched_getaffinity(0)),
-      'devices': [str(d) for d in jax.devices()], 'platform': jax.devices()[0].platform,
-      'jax': jax.__version__,
-      'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+      'without': {**harness.stats(wall['without']), 'cpu': harness.stats(cpu['without']),
+                  'compile_s': runners['without'].compile_seconds},
+      'specs': {}, **harness.machine(),
   }
+  t_without, c_without = out['without']['median'], out['without']['cpu']['median']
   for spec in specs:
-    with_v = next(v for v in variants if v.name == ('with', spec))
-    aug_v = next(v for v in variants if v.name == ('augment', spec))
-    t_with, t_aug = _stats(with_v.times), _stats(aug_v.times)
-    c_with, c_aug = _stats(with_v.cpu_times), _stats(aug_v.cpu_times)
-    c_without = out['without']['cpu']
+    w, a = f'with {spec}', f'augment {spec}'
+    t_with, t_aug = harness.stats(wall[w]), harness.stats(wall[a])
+    c_with, c_aug = harness.stats(cpu[w]), harness.stats(cpu[a])
     # Paired per round: the share in each round, whose median is robust to a round
     # where the machine was busier for every variant alike.
-    paired = [(w - wo) / w for w, wo in zip(with_v.times, without.times)]
+    paired = harness.spread((x - y) / x for x, y in zip(wall[w], wall['without']))
     out['specs'][spec] = {
-        'with': {**t_with, 'cpu': c_with, 'compile_s': with_v.compile_s},
-        'augment': {**t_aug, 'cpu': c_aug, 'compile_s': aug_v.compile_s},
-        'share': (t_with['median'] - t_without['median']) / t_with['median'],
-        'share_paired_median': float(np.median(paired)),
-        'share_paired_min': float(min(paired)), 'share_paired_max': float(max(paired)),
+        'pipeline': runners[w].train_run.setup.augment_spec,
+        'with': {**t_with, 'cpu': c_with, 'compile_s': runners[w].compile_seconds},
+        'augment': {**t_aug, 'cpu': c_aug, 'compile_s': runners[a].compile_seconds},
+        'share': (t_with['median'] - t_without) / t_with['median'],
+        'share_paired_median': paired[0], 'share_paired_min': paired[1],
+        'share_paired_max': paired[2],
         'alone_share': t_aug['median'] / t_with['median'],
         # The same two shares from CPU time (all threads of this process).
-        'cpu_share': (c_with['median'] - c_without['median']) / c_with['median'],
+        'cpu_share': (c_with['median'] - c_without) / c_with['median'],
         'cpu_alone_share': c_aug['median'] / c_with['median'],
     }
   return out
 
 
-def measure(config, repeats: int = 7, steps: int = 10, data=None) -> dict:
+def measure(config, repeats: int = 7, steps: int = 10) -> dict:
   """The cost of `config.augment` in the train step of `config` (for tools/bench.py).
 
-  Returns seconds per step with (`t_with`) and without (`t_without`) the pipeline,
-  the pipeline alone (`t_augment`), `share` = (t_with - t_without) / t_with and
-  `alone_share` = t_augment / t_with, the same two from CPU time (`cpu_share`,
-  `cpu_alone_share`: the steadier ones on a shared machine), and the full record
-  under `detail`.
+  Returns the pipeline (`augment`, 'auto' resolved as the run resolves it), seconds
+  per step with (`t_with`) and without (`t_without`) the pipeline, the pipeline alone
+  (`t_augment`), `share` = (t_with - t_without) / t_with and `alone_share` = t_augment /
+  t_with, the same two from CPU time (`cpu_share`, `cpu_alone_share`: the steadier ones
+  on a shared machine), and the full record under `detail`.
   """
   spec = config.augment
-  full = measure_specs(config, [spec], repeats=repeats, steps=steps, data=data)
+  full = measure_specs(config, [spec], repeats=repeats, steps=steps)
   r = full['specs'][spec]
-  return {'augment': spec, 't_with': r['with']['median'],
+  return {'augment': r['pipeline'], 't_with': r['with']['median'],
           't_without': full['without']['median'], 't_augment': r['augment']['median'],
           'share': r['share'], 'alone_share': r['alone_share'],
           'cpu_share': r['cpu_share'], 'cpu_alone_share': r['cpu_alone_share'],
@@ -330,26 +227,20 @@ def main(argv=None):
   specs = args.augment or (['crop(pad=1)|flip'] if args.quick else list(DEFAULT_SPECS))
 
   from smallfx import cli  # pylint: disable=g-import-not-at-top
-  from smallfx import config as config_lib  # pylint: disable=g-import-not-at-top
   from smallfx.errors import UserError  # pylint: disable=g-import-not-at-top
 
   def run():
-    c = config_lib.default()
-    c.model, c.width, c.dataset, c.batch_size = args.model, args.width, args.dataset, args.batch
-    c.num_seeds, c.resample_per_seed = args.seeds, args.seeds > 1
-    c.samples_per_class, c.baseline, c.num_steps = args.samples_per_class, 'none', 1000
+    c = harness.config(model=args.model, width=args.width, dataset=args.dataset,
+                       batch_size=args.batch, num_seeds=args.seeds,
+                       resample_per_seed=args.seeds > 1,
+                       samples_per_class=args.samples_per_class)
     c.lock()
-    from smallfx import train  # pylint: disable=g-import-not-at-top
-    train.check_names(c)
     result = measure_specs(c, specs, args.repeats, args.steps,
                            log=lambda s: print(s, file=sys.stderr, flush=True))
     result['command'] = ' '.join(['python', 'tools/augment_cost.py', *(argv or sys.argv[1:])])
     print(format_table(result))
     if args.json:
-      os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-      with open(args.json + '.tmp', 'w') as f:
-        json.dump(result, f, indent=1)
-      os.replace(args.json + '.tmp', args.json)
+      harness.write_json(args.json, result)
 
   try:
     run()
@@ -358,6 +249,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  from smallfx import malloc  # pylint: disable=g-import-not-at-top
   malloc.relaunch()  # measure what the command line runs: see smallfx/malloc.py
   main()

@@ -2,16 +2,16 @@
 
     python tools/bench_dispatch.py [--models resnet20:128,cnn:32] [--scan 1,20]
 
-Times smallfx's real train step (`smallfx.train.make_train_step`, one seed, synthetic
-data on the device) dispatched once per step, and N steps per dispatch (the same
-step under `jax.lax.scan`: `make_train_step(steps=N)`, as the training loop runs it on
-GPUs), interleaved in rounds. For each:
+Times smallfx's train step (one seed, synthetic data on the device; `tools/harness.py`)
+dispatched once per step, and N steps per dispatch (the same step under `jax.lax.scan`:
+`Run.train_step(N)`, as the training loop runs it on GPUs), interleaved in rounds. For
+each:
 
   ms/step    wall time per training step (median [min-max] over rounds)
   host ms    time the Python loop spends issuing the dispatches, per step: when it
              equals ms/step, no dispatch returned before its work was (nearly) done,
              so Python never ran ahead of the device
-  GFLOP/s    XLA's cost analysis of one step (as lowered: see tools/bench.py) over
+  GFLOP/s    XLA's cost analysis of one step (`harness.Steps.flops_per_step`) over
              its measured time
 
 and, for the single step, the kernels XLA launches per step (instructions of the
@@ -27,8 +27,7 @@ import time
 import jax
 import numpy as np
 
-from bench import flops, host_flops  # tools/ is on the path of a script in it
-from bench_seed_layout import make, model_specs
+import harness  # tools/ is on the path of a script in it
 from smallfx import malloc
 
 # Entry-computation instructions that are bookkeeping, not a kernel launch.
@@ -43,32 +42,25 @@ def kernels_per_step(compiled) -> int:
   return sum(op not in _NOT_KERNELS for op in ops)
 
 
-class Run:
+class Timed:
+  """N steps per dispatch of a run; `time` gives wall and issuing seconds per step."""
 
-  def __init__(self, model, batch, n):
-    step, state, x, y, make_step = make(model, 1, batch, None, True)
+  def __init__(self, run, n):
+    self.steps = harness.Steps(run, steps_per_call=n)
     self.n = n
-    # n steps in one program: the train step under `lax.scan`, as the training loop runs it.
-    self.fn = step if n == 1 else make_step(None, n)
-    lowered = self.fn.lower(state, x, y)
-    compiled = lowered.compile()
     if n == 1:  # (the cost analysis of a scan counts its body once)
-      self.flops = flops(lowered) or host_flops(make_step, (state, x, y))
-      self.kernels = kernels_per_step(compiled)
-    self.args = [state, x, y]
-    self.time(2 * n)  # warm-up: the first executions allocate and autotune
+      self.flops = self.steps.flops_per_step()
+      self.kernels = kernels_per_step(self.steps.compiled)
+    self.steps.run(2 * n)  # warm-up: the first executions allocate and autotune
 
   def time(self, steps):
     """(wall seconds per step, host seconds per step to issue the dispatches)."""
-    state, x, y = self.args
-    t = time.perf_counter()
-    for _ in range(max(1, steps // self.n)):
-      state, m = self.fn(state, x, y)
-    issued = time.perf_counter() - t
-    jax.block_until_ready((state, m))
-    wall = time.perf_counter() - t
-    self.args[0] = state
     calls = max(1, steps // self.n)
+    t = time.perf_counter()
+    self.steps.dispatch(calls * self.n)
+    issued = time.perf_counter() - t
+    self.steps.wait()
+    wall = time.perf_counter() - t
     return wall / (calls * self.n), issued / (calls * self.n)
 
 
@@ -79,17 +71,18 @@ def main():
   p.add_argument('--steps', type=int, default=40, help='steps per round')
   p.add_argument('--rounds', type=int, default=5)
   args = p.parse_args()
-  specs = model_specs(p, args.models)
+  specs = harness.model_specs(p, args.models)
   scans = sorted({1, *(int(n) for n in args.scan.split(','))})  # 1: the baseline
   print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, '
         f'{args.rounds} rounds x {args.steps} steps', flush=True)
   for model, batch in specs:
-    runs = {n: Run(model, batch, n) for n in scans}
+    run = harness.set_up(harness.config(model=model, batch_size=batch))
+    runs = {n: Timed(run, n) for n in scans}
     wall = {n: [] for n in scans}
     host = {n: [] for n in scans}
     for _ in range(args.rounds):
-      for n, run in runs.items():
-        w, h = run.time(args.steps)
+      for n, timed in runs.items():
+        w, h = timed.time(args.steps)
         wall[n].append(w)
         host[n].append(h)
     base, flops = np.median(wall[1]), runs[1].flops

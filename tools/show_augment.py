@@ -22,9 +22,9 @@ import matplotlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from smallfx import augment  # pylint: disable=g-import-not-at-top,wrong-import-position
 from smallfx import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from smallfx import data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from smallfx import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
 from smallfx.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file')
@@ -60,9 +60,14 @@ def make_grid(config, out, rows=8, cols=8, seed=0):
   """Writes the before/after PNG to `out`; returns the augmented batch."""
   if rows < 1 or cols < 1:
     raise UserError(f'--rows and --cols must be at least 1, got {rows} x {cols}')
-  apply = augment.build(config.augment)  # a bad spec fails here, before loading data
-  dataset = data.load(config)
-  images_u8 = np.asarray(dataset.train_images)
+  # The config checked as a run checks it (a bad spec fails here, before loading data),
+  # and the pipeline the run's train step applies ('auto' resolved by image size).
+  exp = experiment.resolve(config)
+  dataset = data.load(exp.data)
+  setup = experiment.build(exp, dataset.num_classes, len(dataset.train.labels),
+                           dataset.image_shape)
+  apply = setup.augment
+  images_u8 = np.asarray(dataset.train.images)
   n = rows * cols
   if not len(images_u8):
     raise UserError('the training split is empty: nothing to draw')
@@ -71,7 +76,7 @@ def make_grid(config, out, rows=8, cols=8, seed=0):
   order = np.random.default_rng(seed).permutation(len(images_u8))
   idx = np.resize(order, n)
   x = images_u8[idx].astype(np.float32) / 255.0
-  y = np.eye(dataset.num_classes, dtype=np.float32)[np.asarray(dataset.train_labels)[idx]]
+  y = np.eye(dataset.num_classes, dtype=np.float32)[np.asarray(dataset.train.labels)[idx]]
   aug_x, aug_y = jax.jit(apply)(jax.random.key(seed), x, y)
   aug_x, aug_y = np.asarray(aug_x), np.asarray(aug_y)
 
@@ -81,7 +86,7 @@ def make_grid(config, out, rows=8, cols=8, seed=0):
   names = [str(c) for c in dataset.class_names]
   fig = plt.figure(figsize=(2 * cols * 1.1 + 0.6, rows * 1.2 + 0.9), layout='constrained')
   before, after = fig.subfigures(1, 2, wspace=0.04)
-  spec = config.augment.strip() or 'none'
+  spec = setup.augment_spec.strip() or 'none'
   _draw(before, x, y, names, rows, cols, 'before')
   _draw(after, aug_x, aug_y, names, rows, cols, f'after: {spec}')
   fig.suptitle(f'{config.dataset}: {n} training images, augment={spec!r}', fontsize=10)

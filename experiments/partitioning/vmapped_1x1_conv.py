@@ -12,11 +12,11 @@ gradient, kernel gradient):
     1x1 stride 2   [4.3e-07, 0, 0]
     strided slice  [0, 0, 0]
 
-So the 1x1 stride-1 case is wrong. This is why smallfx refuses, on CPU, seeds
+So the 1x1 stride-1 case is wrong. This is why smallfx refuses, on CPU, members
 split over some devices while the batch is split over the rest
-(`smallfx.train.make_mesh`). Seeds over all CPU devices are trained by `shard_map`
-instead (`smallfx.train.side_by_side`), which this does not touch. Not checked on
-GPUs.
+(`smallfx.members.make_layout`). Members over all CPU devices are trained by
+`shard_map` instead (`members.Layout.side_by_side`, `Layout.per_device`), which this
+does not touch. Not checked on GPUs.
 """
 import jax
 import jax.numpy as jnp

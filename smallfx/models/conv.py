@@ -5,14 +5,18 @@ gradients to float rounding); only the formulation XLA receives differs, and onl
 on CPU, where XLA runs convolutions on Eigen's kernels, about half as fast as oneDNN's.
 
 On CPU, float32 layers on one device run forward, input and kernel gradient on
-oneDNN (`smallfx.models.onednn`, FFI calls compiled on first use; `_onednn`): ResNet-20's
+oneDNN (`smallfx.models.onednn`, FFI calls built by a run's set-up: `_onednn`): ResNet-20's
 train step (batch 128, 2-core EPYC) is then 1.4-1.6x faster than with XLA's kernels in
 the formulations below, SmallCNN's 1.07x (experiments/bench/README.md, "oneDNN through
-FFI"). SMALLFX_ONEDNN=0 (`ONEDNN`) turns this off. Grey images' first layers keep
-item 3, which beats oneDNN there. Without oneDNN (not x86-64 Linux, no C++ compiler,
-bfloat16, several devices), three things are slow in XLA's kernels, and the layers
-are rewritten so that XLA runs them faster: ResNet-20's step 1.35x with items 1-2,
-SmallCNN's 1.15x with 3 ("Convolution gradients").
+FFI"). Grey images' first layers keep item 3, which beats oneDNN there. Without oneDNN
+(not x86-64 Linux, no C++ compiler, bfloat16, several devices, or not built yet where
+no run's set-up built it: `smallfx.tuning`), three things are slow in XLA's kernels, and
+the layers are rewritten so that XLA runs them faster: ResNet-20's step 1.35x with
+items 1-2, SmallCNN's 1.15x with 3 ("Convolution gradients").
+
+All of this is CPU tuning, decided by `smallfx.tuning` when a convolution is traced
+(`tuning.cpu_formulations`, `tuning.onednn_calls`): SMALLFX_CPU_TUNING=0 or
+`config.cpu_tuning=False` gives `lax`'s convolution everywhere.
 
 1. The kernel gradient. JAX writes it as a convolution whose *input* is the
    layer's input x with the batch as feature dimension; XLA:CPU's kernels want
@@ -45,11 +49,10 @@ GPUs (cuDNN) handle all of these natively, so elsewhere this is `lax`'s own.
 Grouped (depthwise) and dilated convolutions always go to `lax` unchanged.
 The rewritten layers define reverse-mode gradients only (a custom VJP): on CPU,
 forward-mode AD through them (`jax.jvp`, `jax.jacfwd`) raises, and so do second
-derivatives on oneDNN (SMALLFX_ONEDNN=0 gives them); nothing in smallfx uses either.
+derivatives on oneDNN (CPU tuning off gives both); nothing in smallfx uses either.
 """
 
 import functools
-import os
 from typing import Callable
 
 import flax.linen as nn
@@ -57,6 +60,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from smallfx import tuning
 from smallfx.models import onednn
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -84,14 +88,17 @@ SHIFTED_PRODUCTS_MAX_TAPS = 9
 # products beats it (x1.07). With stride-1 1x1 layers on oneDNN as well: EfficientNet-Lite0
 # x0.85, and x0.96-0.97 against this rule for ResNet-18 and ResNet-20.
 # Unlike XLA's own oneDNN thunk, FFI calls serialise: jax's compilation cache keeps them.
-ONEDNN = os.environ.get('SMALLFX_ONEDNN', '1') != '0'
+# Whether they are used is `tuning.onednn_calls()`; tools that need XLA's convolutions
+# alone meanwhile (cost analysis counts no custom call's FLOPs: tools/bench.py) may set
+# this False.
+ONEDNN = True
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated`, in the CPU formulation when running on CPU."""
-  if jax.default_backend() != 'cpu' or not _is_plain_2d(
+  """`lax.conv_general_dilated`, in the CPU formulation where CPU tuning is on."""
+  if not tuning.cpu_formulations() or not _is_plain_2d(
       lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
       batch_group_count, preferred_element_type):
     return lax.conv_general_dilated(
@@ -176,7 +183,7 @@ def _onednn_fits(x, w, strides, padding):
           and x.dtype == w.dtype == jnp.float32 and min(min(p) for p in padding) >= 0
           and min(x.shape + w.shape) > 0
           and all(x.shape[1 + d] + sum(padding[d]) >= w.shape[d] for d in range(2))
-          and onednn.available())
+          and tuning.onednn_calls())
 
 
 def _one_device_program() -> bool:

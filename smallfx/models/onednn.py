@@ -8,10 +8,11 @@ backward-data and backward-weights primitives are called here through three smal
 FFI handlers (`onednn_conv.cc`), NHWC images and HWIO kernels in place, any stride
 and non-negative padding.
 
-The handlers are compiled on first use (a few seconds, once per machine) with the C++
-compiler ($CXX, else g++), jaxlib's FFI headers and the oneDNN of the onednn-cpu-gomp
-wheels, a dependency on x86-64 Linux; the library is kept in ~/.cache/smallfx/onednn
-($XDG_CACHE_HOME/smallfx/onednn, or $SMALLFX_ONEDNN_CACHE). Unlike a call to XLA's
+The handlers are compiled once per machine (seconds, announced on one line of stderr)
+with the C++ compiler ($CXX, else g++), jaxlib's FFI headers and the oneDNN of the
+onednn-cpu-gomp wheels, a dependency on x86-64 Linux, by a run's set-up
+(`smallfx.tuning.prepare`), never while a model is traced; the library is kept in
+~/.cache/smallfx/onednn ($XDG_CACHE_HOME/smallfx/onednn, or $SMALLFX_ONEDNN_CACHE). Unlike a call to XLA's
 internal oneDNN thunk, an FFI call is an ordinary custom call that XLA serialises, so
 jax's persistent compilation cache keeps these programs. The calls are first-order:
 their gradients are not defined. `available()` says whether the library built and
@@ -40,6 +41,8 @@ import numpy as np
 from jax import lax
 
 SOURCE = pathlib.Path(__file__).with_name('onednn_conv.cc')
+# What a build takes (g++ 12, 2-core EPYC), for the line that announces one.
+BUILD_SECONDS = 10
 TARGETS = {'forward': 'SmallfxConvForward', 'input_grad': 'SmallfxConvInputGrad',
            'kernel_grad': 'SmallfxConvKernelGrad'}
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -98,8 +101,8 @@ def _dist_file(dist: str, suffix: str) -> pathlib.Path | None:
   return None
 
 
-def build(rebuild: bool = False) -> pathlib.Path:
-  """Compiles `onednn_conv.cc` (once: the result is cached by its inputs); its path."""
+def _build_plan() -> tuple[list[str], pathlib.Path]:
+  """The compiler flags and the cached library's path (which exists once built)."""
   if not (sys.platform == 'linux' and platform.machine() == 'x86_64'):
     raise RuntimeError('built on x86-64 Linux only (oneDNN\'s wheels)')
   lib = _dist_file('onednn-cpu-gomp', '/libdnnl.so.3')
@@ -114,17 +117,39 @@ def build(rebuild: bool = False) -> pathlib.Path:
   key = hashlib.sha256('\0'.join([
       SOURCE.read_text(), jaxlib.__version__, importlib.metadata.version('onednn-cpu-gomp'),
       *[f for f in flags if f != str(SOURCE)]]).encode())
+  return flags, cache_dir() / f'onednn_conv-{key.hexdigest()[:16]}.so'
+
+
+def cache_dir() -> pathlib.Path:
+  """$SMALLFX_ONEDNN_CACHE, else $XDG_CACHE_HOME/smallfx/onednn (~/.cache/smallfx/onednn)."""
   root = os.environ.get('XDG_CACHE_HOME') or '~/.cache'
-  cache = pathlib.Path(
+  return pathlib.Path(
       os.environ.get('SMALLFX_ONEDNN_CACHE', f'{root}/smallfx/onednn')).expanduser()
-  target = cache / f'onednn_conv-{key.hexdigest()[:16]}.so'
+
+
+def built() -> bool:
+  """Whether this source's library is already in the cache (nothing to compile)."""
+  try:
+    return _build_plan()[1].exists()
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def build(rebuild: bool = False) -> pathlib.Path:
+  """Compiles `onednn_conv.cc` (once: the result is cached by its inputs); its path.
+
+  A compile says so on one line of stderr: it takes seconds, once per machine.
+  """
+  flags, target = _build_plan()
   if target.exists() and not rebuild:
     return target
   compiler = shlex.split(os.environ.get('CXX', 'g++'))
   if not compiler or shutil.which(compiler[0]) is None:
     raise RuntimeError('no C++ compiler (g++, or $CXX) to build the oneDNN calls')
+  cache = target.parent
   cache.mkdir(parents=True, exist_ok=True)
-  logging.info('Compiling smallfx\'s oneDNN convolutions (once) into %s', target)
+  print(f'building oneDNN convolutions for this CPU (once, ~{BUILD_SECONDS} s; cached in '
+        f'{cache})', file=sys.stderr, flush=True)
   # Built under another name and renamed: concurrent first runs never load half a file.
   with tempfile.TemporaryDirectory(dir=cache) as tmp:
     partial = pathlib.Path(tmp) / target.name
@@ -146,17 +171,29 @@ def _load():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform='cpu')
 
 
-@functools.cache
-def available() -> bool:
-  """Whether the oneDNN calls are built, registered and give lax's values here."""
+_available: list[bool] = []  # the verdict, once reached
+
+
+def available(build: bool = True) -> bool:  # pylint: disable=redefined-outer-name
+  """Whether the oneDNN calls are built, registered and give lax's values here.
+
+  `build=False` answers False, without a compiler ever running, where no build is
+  cached yet (and asks again next time); a cached build is loaded and checked.
+  """
+  if _available:
+    return _available[0]
+  if not build and not built():
+    return False
   try:
     _load()
-    # The first caller is usually a convolution being traced: compute here, eagerly.
+    # The first caller may be a convolution being traced: compute here, eagerly.
     with jax.ensure_compile_time_eval():
-      return _matches_lax()
+      verdict = _matches_lax()
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('oneDNN convolutions unavailable, XLA\'s are used: %s', e)
-    return False
+    verdict = False
+  _available.append(verdict)
+  return verdict
 
 
 def _matches_lax() -> bool:

@@ -1,0 +1,54 @@
+"""Evaluation of every member on a split: accuracy, loss, and ensembles of members.
+
+The last batch is padded to the full batch size and masked, so one compiled function
+serves every batch; it runs in the layout's rounds, on the state as training holds it.
+"""
+
+import functools
+
+import jax
+import numpy as np
+
+from smallfx import data as data_lib
+from smallfx import members
+from smallfx import steps
+
+
+def make_eval_step(layout: members.Layout, model, loss, num_classes: int, mean, std):
+  """(parts, images_u8, labels, mask) -> per round: per-member sums, probabilities."""
+  return members.compile_eval(layout, functools.partial(
+      steps.evaluate_batch, model=model, loss=loss, num_classes=num_classes, mean=mean, std=std))
+
+
+def evaluate(eval_step, parts: list, split: data_lib.Split, batch_size: int,
+             ensembles: dict | None = None) -> dict:
+  """Each member's accuracy and loss, (members,) arrays in member order.
+
+  `ensembles` names groups of members whose averaged probabilities are scored as one
+  model: {'name': [member, ...]} gives 'ensemble_accuracy': {'name': accuracy}.
+  """
+  n = len(split.labels)
+  if n == 0:
+    return {}
+  ensembles = {k: v for k, v in (ensembles or {}).items() if v}
+  # Every batch has the same shape (one compiled function) and splits evenly over devices.
+  devices = jax.device_count()
+  batch_size = -(-min(batch_size, n) // devices) * devices
+  totals, correct_ensemble = None, dict.fromkeys(ensembles, 0)
+  for start in range(0, n, batch_size):
+    x, y = split.images[start:start + batch_size], split.labels[start:start + batch_size]
+    pad = batch_size - len(y)
+    mask = np.concatenate([np.ones(len(y), np.float32), np.zeros(pad, np.float32)])
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros(pad, y.dtype)])
+    outs = jax.device_get(eval_step(parts, x, y, mask))
+    # Round r holds member d*R + r on device d (`members.Layout.split`).
+    sums = {k: np.stack([o[0][k] for o in outs], -1).reshape(-1) for k in outs[0][0]}
+    totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+    if ensembles:
+      probs = np.stack([o[1] for o in outs], 1).reshape(-1, *outs[0][1].shape[1:])
+      for name, group in ensembles.items():
+        guess = np.argmax(probs[group].sum(0), -1)
+        correct_ensemble[name] += int(((guess == y) * mask).sum())
+  return {'accuracy': totals['correct'] / n, 'loss': totals['loss'] / n,
+          'ensemble_accuracy': {k: v / n for k, v in correct_ensemble.items()}}
