@@ -180,13 +180,28 @@ def active() -> bool:
   return name() != 'system'
 
 
+def setting(name: str) -> str:
+  """What starts a process under allocator `name`, as VAR=VALUE ... for a shell."""
+  env = environment(name, {})
+  return ' '.join(f'{k}={v}' for k, v in sorted((env or {}).items()))
+
+
 def hint(platform: str) -> str | None:
-  """One line for a CPU run under glibc's untuned malloc, or None."""
+  """One line for a CPU-tuned run under glibc's plain malloc, or None.
+
+  Such a run was not started by an entry point (a notebook, a test) or found no
+  better allocator; the line says how to get one.
+  """
   if platform != 'cpu' or sys.platform != 'linux' or os.environ.get(ENV) == 'system':
     return None
   if active() or 'malloc' in os.environ.get('LD_PRELOAD', ''):
     return None
+  from smallfx import tuning  # pylint: disable=g-import-not-at-top
+  if not tuning.decided(platform):
+    return None
+  best = choice()
+  how = (f'start Python with {setting(best)}' if best in ORDER and environment(best, {})
+         else f'`{PIP_INSTALL}` or `{INSTALL}`')
   return (f'note: under glibc\'s malloc XLA:CPU re-faults its step buffers every step '
-          f'(ResNets x1.2, EfficientNet x2 slower); smallfx\'s entry points restart '
-          f'themselves under tcmalloc ({INSTALL}) or mimalloc ({PIP_INSTALL}) '
-          f'({ENV}=system silences this)')
+          f'(ResNet-20 x1.3 slower); {how} (smallfx\'s entry points do; '
+          f'{ENV}=system silences this)')

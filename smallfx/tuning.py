@@ -92,7 +92,7 @@ def one_step_ahead(platform: str, local_devices: int) -> bool:
 
 def compiler_options(platform: str) -> dict | None:
   """XLA options for the train step: CPU tuning's, where it is on."""
-  if platform != 'cpu' or not _decided(platform) or not _cpu_options_accepted():
+  if not decided(platform) or not _cpu_options_accepted():
     return None
   return CPU_OPTIONS
 
@@ -192,8 +192,9 @@ def onednn_calls() -> bool:
   return onednn.available(build=False)
 
 
-def _decided(platform: str) -> bool:
-  return enabled(platform) if _state['on'] is None else _state['on']
+def decided(platform: str) -> bool:
+  """Whether CPU tuning is on for `platform`: as `prepare` decided, else by the switch."""
+  return platform == 'cpu' and (enabled(platform) if _state['on'] is None else _state['on'])
 
 
 @contextlib.contextmanager

@@ -55,7 +55,7 @@ def test_mimalloc_from_the_wheel():
   assert _run(SMALLFX_MALLOC='mimalloc')[0] == 'mimalloc'
 
 
-@linux
+@pytest.mark.skipif(not malloc.glibc_huge_pages(), reason='needs glibc 2.35+ and THP')
 def test_glibc_tunables_need_no_package():
   name, tunables, _ = _run(SMALLFX_MALLOC='glibc')
   assert name == 'glibc' and tunables == malloc.GLIBC_TUNABLES
@@ -87,22 +87,47 @@ def test_an_allocator_not_installed_is_said(monkeypatch):
   assert name == 'system' and 'nosuchmalloc' in stderr
 
 
-def test_choice_without_tcmalloc_is_what_pip_installed(monkeypatch):
+def test_choice_is_the_first_installed(monkeypatch):
   monkeypatch.delenv(malloc.ENV, raising=False)
-  monkeypatch.setattr(malloc, 'library', lambda: None)
-  assert malloc.choice() == ('mimalloc' if malloc.mimalloc_library() else 'glibc')
+  monkeypatch.setattr(malloc, 'library', lambda: None)  # no tcmalloc: a pip-only install
+  monkeypatch.setattr(malloc, 'mimalloc_library', lambda: '/wheel/libmimalloc.so')
+  monkeypatch.setattr(malloc, 'glibc_huge_pages', lambda: True)
+  assert malloc.choice() == [n for n in malloc.ORDER if n != 'tcmalloc'][0]
   monkeypatch.setattr(malloc, 'mimalloc_library', lambda: None)
   assert malloc.choice() == 'glibc'
-  monkeypatch.setenv(malloc.ENV, 'system')
+  monkeypatch.setattr(malloc, 'glibc_huge_pages', lambda: False)  # old glibc, or THP never
   assert malloc.choice() == 'system'
+  monkeypatch.setenv(malloc.ENV, 'mimalloc')
+  assert malloc.choice() == 'mimalloc'
 
 
-def test_hint_only_for_cpu_runs_on_untuned_glibc(monkeypatch):
+def test_glibc_huge_pages_need_glibc_2_35_and_thp(monkeypatch, tmp_path):
+  thp = tmp_path / 'enabled'
+  monkeypatch.setattr(malloc, 'THP', str(thp))
+  for version, mode, expected in [('glibc 2.36', 'always [madvise] never', True),
+                                  ('glibc 2.35', '[always] madvise never', True),
+                                  ('glibc 2.34', 'always [madvise] never', False),
+                                  ('glibc 2.36', 'always madvise [never]', False)]:
+    thp.write_text(mode)
+    monkeypatch.setattr(malloc.os, 'confstr', lambda name, version=version: version)
+    assert malloc.glibc_huge_pages() == expected, (version, mode)
+  thp.unlink()
+  assert not malloc.glibc_huge_pages()
+
+
+def test_hint_only_for_cpu_tuned_runs_on_plain_glibc(monkeypatch):
   monkeypatch.delenv(malloc.ENV, raising=False)
   monkeypatch.delenv('LD_PRELOAD', raising=False)
+  monkeypatch.delenv('SMALLFX_CPU_TUNING', raising=False)
   monkeypatch.setattr(malloc, 'name', lambda: 'system')
   if sys.platform == 'linux':
-    assert 'SMALLFX_MALLOC=system' in malloc.hint('cpu')
+    note = malloc.hint('cpu')
+    assert 'SMALLFX_MALLOC=system' in note and '\n' not in note
+    best = malloc.choice()
+    assert (malloc.setting(best) if best != 'system' else malloc.PIP_INSTALL) in note
+    monkeypatch.setenv('SMALLFX_CPU_TUNING', '0')
+    assert malloc.hint('cpu') is None
+    monkeypatch.delenv('SMALLFX_CPU_TUNING')
   assert malloc.hint('gpu') is None
   monkeypatch.setenv(malloc.ENV, 'system')
   assert malloc.hint('cpu') is None
