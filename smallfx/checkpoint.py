@@ -11,9 +11,10 @@ size, normalisation, class names and class targets. Training runs and
 import errno
 import json
 import os
-import time
 import sys
+import time
 from typing import Any
+import weakref
 
 import jax
 import numpy as np
@@ -24,10 +25,28 @@ from smallfx.errors import UserError
 MODEL_SPEC = 'model.json'
 
 
+# Managers of this process, so that an interrupted run can let a save in flight land
+# (`finish_saves`) instead of dying with it at interpreter shutdown.
+_MANAGERS = weakref.WeakSet()
+
+
 def manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+  mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
                                options=options)
+  _MANAGERS.add(mngr)
+  return mngr
+
+
+def finish_saves() -> None:
+  """Waits for every save in flight (after Ctrl-C): a checkpoint lands whole or not at all."""
+  _quiet_closed_loop()  # TensorStore's writes cut short report to a closed loop
+  for mngr in list(_MANAGERS):
+    try:
+      mngr.wait_until_finished()
+      mngr.close()
+    except Exception:  # pylint: disable=broad-except
+      pass  # a save that fails now leaves only its temporary folder, which Orbax ignores
 
 
 def write_model_spec(workdir: str, spec: dict[str, Any]) -> None:
@@ -66,6 +85,8 @@ def _one_line(e: Exception) -> str:
 
 def _quiet_closed_loop() -> None:
   """Drops the tracebacks of TensorStore reads that finish after a failed restore.
+
+  (And of writes cut short by Ctrl-C: `finish_saves`.)
 
   Orbax closes its event loop when the first array fails; the reads of the others
   then report to the closed loop from TensorStore's threads, each as an "unraisable"

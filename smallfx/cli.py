@@ -145,12 +145,18 @@ def run(main: Callable, help_text: Callable[[], str] | None = None) -> None:
   def wrapped(argv):
     # Orbax and JAX log every checkpoint step at INFO; the progress bar says enough.
     logging.set_verbosity(logging.WARNING)
+    # Ctrl-C during a wait for a save makes Orbax log the interrupt with its traceback;
+    # the one line below says it.
+    logging.get_absl_logger().addFilter(
+        lambda record: not (record.exc_info and record.exc_info[0] is KeyboardInterrupt))
     enable_compilation_cache()
     try:
       main(argv)
     except UserError as e:
       fail(str(e))
     except KeyboardInterrupt:
+      if 'smallfx.checkpoint' in sys.modules:
+        sys.modules['smallfx.checkpoint'].finish_saves()
       print('\ninterrupted: re-run the same command to resume from the last checkpoint',
             file=sys.stderr)
       sys.exit(130)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -107,3 +108,25 @@ def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):
   # The killed run's lock died with it: the folder is free again at once.
   with workdir.lock(str(tmp_path)):
     pass
+
+
+def test_ctrl_c_during_checkpoints_is_one_line_and_keeps_them_whole(tmp_path):
+  """A save is in flight at every step here; Ctrl-C lets it land, then says one line."""
+  args = ['--config=configs/cosine.py', '--config.model=mlp', '--config.num_steps=100000',
+          '--config.checkpoint_every_steps=1', '--config.log_every_steps=1',
+          '--config.progress=False', '--config.baseline=none', f'--workdir={tmp_path}']
+  proc = subprocess.Popen([sys.executable, '-m', 'smallfx.main', *args], cwd=REPO, text=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline, ckpts = time.time() + 120, tmp_path / 'checkpoints'
+  while time.time() < deadline and not (ckpts.exists() and len(os.listdir(ckpts)) >= 3):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  # The oneDNN build's line (a first run with the tests' own cache) may come before it.
+  lines = [line for line in err.strip().splitlines()
+           if line.strip() and not line.startswith('building oneDNN')]
+  assert len(lines) == 1 and lines[0].startswith('interrupted'), err
+  with checkpoint.manager(str(tmp_path)) as mngr:
+    step, _ = checkpoint.restore_latest(mngr)
+  assert step is not None and step >= 1
