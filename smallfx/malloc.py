@@ -5,19 +5,21 @@ Why: XLA:CPU allocates each step's temporary buffers afresh on every execution
 them when the step ends. glibc's malloc hands blocks that large (above 32 MB, or
 64 MB from a worker thread, whatever `mallopt` says) to mmap and returns them
 with munmap, so every step faults its whole working set back in and the kernel
-zeroes it: ResNet-20 spent 145 ms of system time per ~400 ms step in 76,000 page
-faults. An allocator that keeps freed memory for the next step removes that.
+zeroes it: 75,000 page faults and 120-140 ms of system time per ResNet-20 step.
 
-Which one (`ORDER`, the first that is installed; figures and commands in
-experiments/bench/allocators.md, `python tools/bench_malloc.py`, alternating
-processes, 2-core AMD EPYC, jax 0.10.2, glibc 2.36):
+Which allocator (`ORDER`: the first one installed; experiments/bench/allocators.md,
+`python tools/bench_malloc.py`, alternating processes, 2-core AMD EPYC, jax 0.10.2,
+glibc 2.36; ResNet-20 b128 train step on a quiet machine, glibc's plain malloc = 1):
 
-  tcmalloc  apt's libtcmalloc-minimal4 (2.10). ResNet-20 b128 x1.22 over glibc,
-            EfficientNet-Lite0 x2.18, ResNet-18 x1.11, WRN-16-8 x1.10, the small
-            nets unchanged (experiments/bench/README.md, change 6).
-  mimalloc  the `cmeel-mimalloc` wheel (3.4), a dependency of smallfx: what a pip-only
-            install gets. Run with `MIMALLOC_OPTIONS` below, which keep freed memory.
-  glibc     glibc's own malloc with `GLIBC_TUNABLES` below: no package at all.
+  mimalloc  the `cmeel-mimalloc` wheel (3.4), a dependency of smallfx on Linux: what a
+            pip-only install gets. x1.59; no page faults in any round, loaded or not
+            (with `MIMALLOC_OPTIONS`).
+  tcmalloc  apt's libtcmalloc-minimal4 (2.10), where installed and mimalloc is not:
+            x1.68, level with mimalloc within the noise; no faults on a quiet machine,
+            but 15,000-37,600 a step in 8 of 20 rounds under load.
+  glibc     glibc's own malloc, asked for transparent huge pages (`GLIBC_TUNABLES`,
+            glibc 2.35 and later, THP not `never`): no package at all. x1.46.
+SmallCNN b32 (28 px) allocates little: the same under all four.
 
 An allocator is chosen when a process starts (LD_PRELOAD, GLIBC_TUNABLES), so
 `relaunch()` re-executes the interpreter once, with the same command line, under the
@@ -27,7 +29,7 @@ happens at all (a CPU run, CPU tuning on) is `smallfx.tuning.relaunch_allocator`
 decision: `relaunch()` is that function.
 
 SMALLFX_MALLOC chooses: unset (or `auto`) the first installed of `ORDER`; `system`
-glibc's malloc untouched (and no hint); `tcmalloc`, `mimalloc` or `glibc` that one.
+glibc's malloc untouched (and no hint); `mimalloc`, `tcmalloc` or `glibc` that one.
 An allocator already preloaded by the user (LD_PRELOAD), or glibc tunables of the
 user's own, are kept. This module imports nothing beyond the standard library: it
 runs before anything else in an entry point's process.
@@ -44,11 +46,12 @@ INSTALL = 'apt-get install libtcmalloc-minimal4'
 PIP_INSTALL = 'pip install cmeel-mimalloc'
 
 # The best first (experiments/bench/allocators.md).
-ORDER = ('tcmalloc', 'mimalloc', 'glibc')
+ORDER = ('mimalloc', 'tcmalloc', 'glibc')
 
-# mimalloc 3.4's defaults return freed memory to the OS after 10 ms (`purge_delay`),
-# which brings back the page faults; -1 never does. Huge blocks (XLA's step buffer)
-# come from its arenas below `arena_max_object_size`.
+# mimalloc 3.4 returns freed memory to the OS 1 s after it is freed (`purge_delay`,
+# 1000 ms), which brings the page faults back wherever a step takes longer (WRN-16-8,
+# EfficientNet-Lite0 at batch 32 on 2 cores); -1 never does: a run keeps its peak.
+# Blocks up to `arena_max_object_size` (2 GiB) come from its arenas, in huge pages.
 MIMALLOC_OPTIONS = {'MIMALLOC_PURGE_DELAY': '-1'}
 
 # glibc: its large blocks still come from mmap and go back with munmap, but in
@@ -203,5 +206,5 @@ def hint(platform: str) -> str | None:
   how = (f'start Python with {setting(best)}' if best in ORDER and environment(best, {})
          else f'`{PIP_INSTALL}` or `{INSTALL}`')
   return (f'note: under glibc\'s malloc XLA:CPU re-faults its step buffers every step '
-          f'(ResNet-20 x1.3 slower); {how} (smallfx\'s entry points do; '
+          f'(ResNet-20\'s step 1.5-1.7x slower); {how} (smallfx\'s entry points do; '
           f'{ENV}=system silences this)')

@@ -280,14 +280,14 @@ def relaunch_allocator(argv=None) -> None:
   malloc.relaunch_now(chosen)
 
 
-
 def main() -> None:
   """`python -m smallfx.tuning`: what a run started here would get, without building."""
   print(f'{ENV}: {"on" if switch_on() else "off"}; a run here will use the CPU: '
         f'{will_use_cpu()}')
   print(f'allocator: {malloc.choice()} (this process: {malloc.name()}); '
         f'tcmalloc {malloc.library() or "not installed"}, '
-        f'mimalloc {malloc.mimalloc_library() or "not installed"}')
+        f'mimalloc {malloc.mimalloc_library() or "not installed"}, glibc with huge pages '
+        f'{"possible" if malloc.glibc_huge_pages() else "not possible"}')
   from smallfx.models import onednn  # pylint: disable=g-import-not-at-top
   print(f'oneDNN convolutions: {"built" if onednn.built() else "not built"} in '
         f'{onednn.cache_dir()}')

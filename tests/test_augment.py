@@ -79,6 +79,7 @@ def _run(spec, seed=0, c=3, key=0, images=None, labels=None):
 
 @pytest.mark.parametrize('c', [1, 3])
 @pytest.mark.parametrize('spec', RANDOM_SPECS)
+@pytest.mark.slow
 def test_shape_dtype_range_and_determinism(spec, c):
   x = _images(c=c)
   out, labels = _run(spec, c=c)

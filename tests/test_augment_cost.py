@@ -40,6 +40,7 @@ def test_bad_spec_is_one_line_exit_2():
   assert 'flop' in r.stderr and 'Traceback' not in r.stderr
 
 
+@pytest.mark.slow
 def test_measure_with_seeds_and_synthetic_data():
   c = harness.config(model='mlp', batch_size=4, num_seeds=2, resample_per_seed=True,
                      samples_per_class=5, augment='crop(pad=1)|flip|trivial',

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, 'tools'))
 import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+@pytest.mark.slow
 def test_bench_quick_cnn(tmp_path):
   pytest.importorskip('torch')
   out = tmp_path / 'bench.json'
@@ -32,6 +33,7 @@ def test_bench_quick_cnn(tmp_path):
   assert case['results']['smallfx']['ratio_vs_torch'] > 0
 
 
+@pytest.mark.slow
 def test_bench_seeds_run_side_by_side_as_the_training_loop_does(tmp_path):
   """On a CPU the K-member step runs in a child process with one device per group of members."""
   out = tmp_path / 'bench.json'

@@ -55,6 +55,7 @@ def _reference(x, w, stride, padding):
 
 @pytest.mark.parametrize('onednn_on', [False, True])
 @pytest.mark.parametrize('n,size,cin,cout,k,stride,padding', CASES)
+@pytest.mark.slow
 def test_cpu_conv_equals_lax_with_gradients(n, size, cin, cout, k, stride, padding, onednn_on):
   with tuning.forced(True, onednn=onednn_on):
     _check_cpu_conv(n, size, cin, cout, k, stride, padding)
@@ -74,6 +75,7 @@ def _check_cpu_conv(n, size, cin, cout, k, stride, padding):
 
 
 @pytest.mark.parametrize('cin,stride', [(4, 1), (4, 2), (1, 1)])
+@pytest.mark.slow
 def test_gradients_under_vmap_as_seeds_use_them(cin, stride):
   with tuning.forced(True):  # the oneDNN calls' vmap rule too
     _check_vmapped(cin, stride)
@@ -185,6 +187,7 @@ def test_pointwise_layers_stay_matrix_products(stride):
 @needs_onednn
 @pytest.mark.parametrize('stride,padding', [(1, ((1, 1), (1, 1))), (1, ((0, 2), (3, 0))),
                                             (2, ((1, 1), (0, 1))), (3, ((0, 0), (2, 1)))])
+@pytest.mark.slow
 def test_onednn_calls_match_lax_in_and_out_of_jit(stride, padding):
   x = jax.random.normal(jax.random.key(0), (2, 10, 9, 5))
   w = jax.random.normal(jax.random.key(1), (3, 3, 5, 4))

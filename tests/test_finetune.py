@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from smallfx import checkpoint
 
@@ -11,6 +12,7 @@ BASE = ['--config=configs/cosine.py', '--config.width=0.5', '--config.num_steps=
         '--config.progress=False', '--config.baseline=none']
 
 
+@pytest.mark.slow
 def test_linear_probe_keeps_the_pretrained_backbone(tmp_path):
   source = tmp_path / 'source'
   r = run_cli('smallfx.main', *BASE, f'--workdir={source}')
@@ -30,6 +32,7 @@ def test_linear_probe_keeps_the_pretrained_backbone(tmp_path):
   assert not np.allclose(before['params']['head']['kernel'], after['params']['head']['kernel'])
 
 
+@pytest.mark.slow
 def test_full_finetune_moves_the_backbone_and_feature_baseline_runs(tmp_path):
   source = tmp_path / 'source'
   assert run_cli('smallfx.main', *BASE, f'--workdir={source}').returncode == 0
@@ -46,6 +49,7 @@ def test_full_finetune_moves_the_backbone_and_feature_baseline_runs(tmp_path):
   assert any(moved)
 
 
+@pytest.mark.slow
 def test_pretrained_for_another_model_is_a_one_line_error(tmp_path):
   source = tmp_path / 'source'
   assert run_cli('smallfx.main', *BASE, f'--workdir={source}').returncode == 0

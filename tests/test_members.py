@@ -79,6 +79,7 @@ def test_a_sweep_needs_validation_data():
     ('label_smoothing', (0.0, 0.3), 'xent_smooth'),
     ('cosine_xent_weight', (0.0, 1.0), 'cosine_xent'),
 ])
+@pytest.mark.slow
 def test_a_swept_member_is_the_run_with_that_value(name, values, loss):
   """Each setting trains exactly as a single run configured with its value would."""
   _, _, swept = trained(config(loss=loss, sweep={name: ','.join(map(str, values))}))
@@ -89,6 +90,7 @@ def test_a_swept_member_is_the_run_with_that_value(name, values, loss):
   assert max(jax.tree.leaves(diff)) > 1e-4, f'{name} made no difference'
 
 
+@pytest.mark.slow
 def test_changing_swept_values_compiles_nothing_new():
   run_a, step, _ = trained(config(sweep={'learning_rate': '0.05,0.2'}), steps=1)
   run_b = train.set_up(config(sweep={'learning_rate': '0.1,0.4'}))
@@ -100,6 +102,7 @@ def test_changing_swept_values_compiles_nothing_new():
   np.testing.assert_allclose(state_b.opt_state.hyperparams['learning_rate'], [0.1, 0.4])
 
 
+@pytest.mark.slow
 def test_a_diverged_member_is_frozen_and_the_others_train_on():
   c = config(loss='xent', model='mlp', sweep={'learning_rate': '0.1,1e30'}, num_steps=4)
   run, step, state = trained(c)
@@ -126,6 +129,7 @@ def test_validation_chooses_and_diverged_members_never_are():
   assert results_lib.choose(grid, val, np.ones(6, bool)) is None
 
 
+@pytest.mark.slow
 def test_sweep_run_reports_each_member_and_the_chosen_setting(tmp_path):
   c = config(loss='xent', model='mlp', num_seeds=2, num_steps=30,
              sweep={'learning_rate': '0.05,1e30'})
@@ -146,6 +150,7 @@ def test_sweep_run_reports_each_member_and_the_chosen_setting(tmp_path):
   assert json.load(open(tmp_path / 'config.json'))['sweep']['learning_rate'] == '0.05,1e30'
 
 
+@pytest.mark.slow
 def test_sweep_killed_and_resumed_matches_an_uninterrupted_run(tmp_path):
   args = ['--config=configs/cosine.py', '--config.model=cnn', '--config.width=0.5',
           '--config.num_steps=300', '--config.checkpoint_every_steps=50',

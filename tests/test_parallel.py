@@ -48,6 +48,7 @@ def test_one_two_four_devices_agree(tmp_path):
     assert abs(results(runs[n])['test_accuracy'] - results(runs[1])['test_accuracy']) <= 2 / 535
 
 
+@pytest.mark.slow
 def test_step_is_partitioned_over_devices():
   """The batch really is split: the compiled step all-reduces gradients across devices."""
   code = '''
@@ -78,6 +79,7 @@ def test_cpu_devices_leave_the_process_config_alone():
   assert jax.config.jax_num_cpu_devices == before
 
 
+@pytest.mark.slow
 def test_seeds_side_by_side_on_cpu_cores(tmp_path):
   """A run of 2 seeds gets a CPU device per seed (on 2+ cores): the numbers of one device."""
   cores = len(os.sched_getaffinity(0))
@@ -95,6 +97,7 @@ def test_seeds_side_by_side_on_cpu_cores(tmp_path):
                              results(runs['one'])['test_accuracy_per_seed'], atol=2 / 535)
 
 
+@pytest.mark.slow
 def test_side_by_side_step_keeps_each_seed_on_its_device():
   """Seeds over 2 CPU devices: no all-reduce, and each device's convolutions on oneDNN."""
   code = '''
@@ -142,6 +145,7 @@ def member_accuracies(workdir):
   return [m['test_accuracy'] for m in results(workdir)['members']]
 
 
+@pytest.mark.slow
 def test_members_on_devices_and_resume(tmp_path):
   """2 seeds x 2 settings, each seed its own sub-sample: any device layout, resumed or not."""
   args = [*ARGS, '--config.num_seeds=2', '--config.resample_per_seed=True',
@@ -201,6 +205,7 @@ def _two_processes(args, workdir, devices_each):
   return outs
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   single = tmp_path / 'single'
   r = run_cli('smallfx.main', *ARGS, f'--workdir={single}', env=devices(4))
@@ -213,6 +218,7 @@ def test_two_processes_match_one_process(tmp_path):
   assert results(multi)['test_accuracy'] == results(single)['test_accuracy']
 
 
+@pytest.mark.slow
 def test_seeds_side_by_side_over_two_processes(tmp_path):
   """Two seeds, one CPU device in each of two processes, as one process with two devices
   runs them; each process's oneDNN probe reads a device of its own (it once read device
@@ -230,6 +236,7 @@ def test_seeds_side_by_side_over_two_processes(tmp_path):
                              results(single)['test_accuracy_per_seed'], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_many_queued_steps_on_two_cpu_devices_finish(tmp_path):
   """Dozens of steps in flight once made two CPU devices wait on each other's all-reduces
   until XLA aborted the run (2 runs out of 2); the loop now keeps two in flight."""

@@ -89,6 +89,7 @@ def test_results_rebuilt_after_a_finished_training_match_the_first(tmp_path):
   assert len(metrics.read(str(tmp_path))) == lines, 'the test line was logged twice'
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):
   args = ['--config=configs/cosine.py', '--config.model=mlp', '--config.num_steps=100000',
           '--config.progress=False', '--config.baseline=none', f'--workdir={tmp_path}']
@@ -110,6 +111,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):
     pass
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_checkpoints_is_one_line_and_keeps_them_whole(tmp_path):
   """A save is in flight at every step here; Ctrl-C lets it land, then says one line."""
   args = ['--config=configs/cosine.py', '--config.model=mlp', '--config.num_steps=100000',

@@ -47,6 +47,7 @@ def _setup(config):
   return run, init()
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once_and_learns(monkeypatch):
   config = small_config(loss='cosine_xent')
   monkeypatch.setattr(steps_lib, 'update', chex.assert_max_traces(steps_lib.update, n=1))
@@ -64,6 +65,7 @@ def test_train_step_compiles_once_and_learns(monkeypatch):
   assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
+@pytest.mark.slow
 def test_seeds_are_independent_and_seed0_matches_a_single_run():
   run1, s1 = _setup(small_config(num_seeds=1))
   run3, s3 = _setup(small_config(num_seeds=3))
@@ -79,6 +81,7 @@ def test_seeds_are_independent_and_seed0_matches_a_single_run():
   chex.assert_shape(m3['train/loss'], (3,))
 
 
+@pytest.mark.slow
 def test_unrolled_and_vmapped_seeds_agree():
   run, state = _setup(small_config(num_seeds=2))
   images, labels = run.training_data()
@@ -92,6 +95,7 @@ def test_unrolled_and_vmapped_seeds_agree():
   chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_pads_last_batch_and_counts_every_image():
   run, state = _setup(small_config(num_seeds=2))
   ev, test = run.eval_step(), run.dataset.test
@@ -104,6 +108,7 @@ def test_evaluate_pads_last_batch_and_counts_every_image():
   chex.assert_shape(full['accuracy'], (2,))
 
 
+@pytest.mark.slow
 def test_main_writes_outputs_and_reports_again(tmp_path):
   workdir = str(tmp_path / 'run')
   # The default cache folder, and every program kept however fast it compiled.
@@ -135,6 +140,7 @@ def test_main_writes_outputs_and_reports_again(tmp_path):
   assert jax.tree.leaves(variables['params'])[0].shape[0] == 1
 
 
+@pytest.mark.slow
 def test_several_steps_per_dispatch_train_and_log_like_one(tmp_path, monkeypatch):
   """Chunks of 4 steps (a scan) stop at every log boundary and give the same run."""
   calls, make = collections.Counter(), train.make_train_step
@@ -173,6 +179,7 @@ def test_metrics_writer_leaves_torch_unimported(tmp_path):
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
   args = ['--config=configs/cosine.py', *QUICK, '--config.num_steps=400',
           '--config.checkpoint_every_steps=50']
@@ -214,6 +221,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     ('--config.augment=flop', "flop"),
     ('--config.steps_per_dispatch=-1', 'steps_per_dispatch must be >= 0'),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(tmp_path, flag, message):
   r = run_cli('smallfx.main', '--config=configs/cosine.py', f'--workdir={tmp_path}',
               *flag.split())
@@ -223,6 +231,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, flag, message):
   assert __import__('re').search(message, lines[0]), lines[0]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   r = run_cli('smallfx.main', '--config=configs/xent.py', f'--workdir={tmp_path}',
               '--config.model=mlp', '--config.learning_rate=300', '--config.schedule=constant',
@@ -236,6 +245,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
 
 
+@pytest.mark.slow
 def test_changed_config_refuses_to_resume(tmp_path):
   r = run_cli('smallfx.main', '--config=configs/cosine.py', f'--workdir={tmp_path}', *QUICK,
               '--config.num_steps=20')
@@ -259,6 +269,7 @@ def test_compilation_cache_folder_and_switch(monkeypatch):
 
 
 @pytest.mark.parametrize('model', ['cnn', 'resnet20'])
+@pytest.mark.slow
 def test_quickly_compiled_init_gives_the_same_state(model):
   """The init program's options change its compile time, not one bit of the state."""
   exp = experiment.resolve(small_config(model=model, num_seeds=2))

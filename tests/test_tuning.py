@@ -42,6 +42,7 @@ def _make_step(model):
 
 
 @pytest.mark.parametrize('name,shape', [('cnn', (8, 28, 28, 1)), ('resnet20', (8, 32, 32, 3))])
+@pytest.mark.slow
 def test_train_step_is_the_same_with_cpu_tuning_on_and_off(name, shape):
   """Loss, gradients, new weights and batch statistics: equal to float rounding."""
   model = models.build(name, 10)
@@ -120,6 +121,7 @@ print('prepared', os.path.exists(sys.argv[1]), tuning.onednn_calls(), flush=True
 
 
 @pytest.mark.skipif(not ONEDNN_BUILDS, reason='oneDNN convolutions are built for x86-64 Linux')
+@pytest.mark.slow
 def test_no_compiler_runs_while_a_model_is_traced(tmp_path):
   called = tmp_path / 'compiler_called'
   compiler = tmp_path / 'cxx'
@@ -136,6 +138,7 @@ def test_no_compiler_runs_while_a_model_is_traced(tmp_path):
 
 
 @pytest.mark.skipif(not ONEDNN_BUILDS, reason='oneDNN convolutions are built for x86-64 Linux')
+@pytest.mark.slow
 def test_prepare_builds_once_with_one_line_then_a_notebook_uses_the_build(tmp_path):
   code = ('from smallfx import tuning; tuning.prepare("cpu", True); tuning.prepare("cpu", True);'
           'print(tuning.onednn_calls())')
