@@ -1,10 +1,7 @@
 """One metrics writer: JSON lines plus TensorBoard events, on process 0 only."""
 
-import functools
 import json
 import os
-import socket
-import struct
 import time
 
 import jax
@@ -33,7 +30,7 @@ class Writer:
       with open(self.path + '.tmp', 'w') as f:
         f.writelines(keep)
       os.replace(self.path + '.tmp', self.path)
-    self._tb = _summary_writer_class()(workdir, purge_step=resume_step + 1 if resume_step else None)
+    self._tb = EventWriter(workdir, purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -62,97 +59,34 @@ class Writer:
       self._tb.close()
 
 
-def _summary_writer_class():
-  """The TensorBoard writer: `EventWriter`, scalars only, torch never imported.
-
-  tensorboardX's SummaryWriter imports torch when imported (to accept torch tensors
-  as values), which cost every run 1.1-1.8 s of its start on a 2-core CPU; smallfx
-  logs floats. `EventWriter` writes the same records with the standard library alone.
-  """
-  return EventWriter
-
-
 class EventWriter:
-  """TensorBoard's event file of scalars: what tensorboardX's `add_scalar` writes.
+  """TensorBoard's event file of scalars, written with tensorboard's own writer.
 
-  A TFRecord file (`events.out.tfevents.TIME.HOST...`) of `Event` protocol buffers,
-  encoded here by hand (tensorboard's event.proto and summary.proto: `wall_time` = 1,
-  `step` = 2, `file_version` = 3, `summary` = 5, `session_log` = 7; `Summary.value` = 1
-  with `tag` = 1 and `simple_value` = 2; `SessionLog.status` = 1, START = 1).
-  `purge_step` as tensorboardX's: TensorBoard drops the steps from it on logged by an
-  earlier (killed) part of the run. Every record is flushed when written.
+  tensorboard's `EventFileWriter` and protocol buffers need neither TensorFlow nor
+  torch (tensorboardX's SummaryWriter imports torch, which cost every run 1.1-1.8 s
+  of its start on a 2-core CPU). `purge_step`: TensorBoard drops the steps from it on
+  that an earlier, killed part of the run had logged.
   """
 
-  def __init__(self, logdir: str, purge_step: int | None = None, filename_suffix: str = ''):
-    os.makedirs(logdir, exist_ok=True)
-    now = time.time()
-    name = (f'events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}'
-            f'{filename_suffix}')
-    self.path = os.path.join(logdir, name)
-    self._file = open(self.path, 'ab')  # pylint: disable=consider-using-with
-    self._record(_double(1, now) + _bytes(3, b'brain.Event:2'))
+  def __init__(self, logdir: str, purge_step: int | None = None):
+    # Imported here: a process that never writes events never pays for protobuf.
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
+    self._event, self._summary = event_pb2, summary_pb2
+    self._writer = event_file_writer.EventFileWriter(logdir, flush_secs=10)
     if purge_step is not None:
-      self._record(_double(1, now) + _varint_field(2, purge_step)
-                   + _bytes(7, _varint_field(1, 1)))
+      self._writer.add_event(event_pb2.Event(
+          step=purge_step, wall_time=time.time(),
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def add_scalar(self, tag: str, value: float, step: int) -> None:
-    summary_value = _bytes(1, tag.encode()) + b'\x15' + struct.pack('<f', float(value))
-    self._record(_double(1, time.time()) + _varint_field(2, int(step))
-                 + _bytes(5, _bytes(1, summary_value)))
-
-  def flush(self) -> None:
-    self._file.flush()
+    value = self._summary.Summary.Value(tag=tag, simple_value=float(value))
+    self._writer.add_event(self._event.Event(
+        step=int(step), wall_time=time.time(), summary=self._summary.Summary(value=[value])))
 
   def close(self) -> None:
-    if not self._file.closed:
-      self._file.close()
-
-  def _record(self, data: bytes) -> None:
-    header = struct.pack('<Q', len(data))
-    self._file.write(header + struct.pack('<I', _masked_crc32c(header)) + data
-                     + struct.pack('<I', _masked_crc32c(data)))
-    self._file.flush()
-
-
-def _varint(n: int) -> bytes:
-  n &= (1 << 64) - 1  # int64 as protobuf sends it: two's complement
-  out = bytearray()
-  while True:
-    byte, n = n & 0x7f, n >> 7
-    out.append(byte | (0x80 if n else 0))
-    if not n:
-      return bytes(out)
-
-
-def _varint_field(field: int, n: int) -> bytes:
-  return _varint(field << 3) + _varint(n)
-
-
-def _double(field: int, x: float) -> bytes:
-  return _varint(field << 3 | 1) + struct.pack('<d', x)
-
-
-def _bytes(field: int, data: bytes) -> bytes:
-  return _varint(field << 3 | 2) + _varint(len(data)) + data
-
-
-@functools.cache
-def _crc32c_table() -> tuple[int, ...]:
-  table = []
-  for n in range(256):
-    for _ in range(8):
-      n = (n >> 1) ^ 0x82f63b78 if n & 1 else n >> 1
-    table.append(n)
-  return tuple(table)
-
-
-def _masked_crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli), masked as TFRecord stores it."""
-  table, crc = _crc32c_table(), 0xffffffff
-  for byte in data:
-    crc = table[(crc ^ byte) & 0xff] ^ (crc >> 8)
-  crc ^= 0xffffffff
-  return (((crc >> 15) | (crc << 17)) + 0xa282ead8) & 0xffffffff
+    self._writer.close()
 
 
 def _step(line: str):

@@ -1,51 +1,46 @@
-"""smallfx.metrics: TensorBoard's event files, written without tensorboardX or torch."""
+"""smallfx.metrics: TensorBoard's event files, written without TensorFlow or torch."""
 
 import os
-import struct
 import subprocess
 import sys
-
-import pytest
+import time
 
 from smallfx import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _records(path):
-  with open(path, 'rb') as f:
-    data = f.read()
-  records, i = [], 0
-  while i < len(data):
-    n, = struct.unpack('<Q', data[i:i + 8])
-    records.append((data[i:i + 8], struct.unpack('<I', data[i + 8:i + 12])[0],
-                    data[i + 12:i + 12 + n], struct.unpack('<I', data[i + 12 + n:i + 16 + n])[0]))
-    i += 16 + n
-  return records
-
-
-def test_events_read_back_as_tensorboard_protos(tmp_path):
-  """Checked with tensorboardX's own protocol buffers and CRC, not with this encoder."""
-  event_pb2 = pytest.importorskip('tensorboardX.proto.event_pb2')
-  crc32c = pytest.importorskip('tensorboardX.crc32c').crc32c
-  writer = metrics.EventWriter(str(tmp_path), purge_step=40)
+def test_events_read_back_in_tensorboard(tmp_path):
+  """Read with TensorBoard's own loader, as `tensorboard --logdir` does."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  writer = metrics.EventWriter(str(tmp_path))
   writer.add_scalar('train/loss', 0.25, 41)
-  writer.add_scalar('val/accuracy', 0.875, 2**40)
-  writer.add_scalar('train/learning_rate', -1e-3, 0)
+  writer.add_scalar('train/loss', 0.125, 2**40)
+  writer.add_scalar('val/accuracy', 0.875, 0)
   writer.close()
-  assert os.path.basename(writer.path).startswith('events.out.tfevents.')
-  masked = lambda crc: (((crc >> 15) | (crc << 17)) + 0xa282ead8) & 0xffffffff  # noqa: E731
-  events = []
-  for header, header_crc, data, data_crc in _records(writer.path):
-    assert header_crc == masked(crc32c(header)) and data_crc == masked(crc32c(data))
-    events.append(event_pb2.Event.FromString(data))
-  assert events[0].file_version == 'brain.Event:2'
-  assert events[1].step == 40
-  assert events[1].session_log.status == event_pb2.SessionLog.START
-  scalars = [(e.step, v.tag, v.simple_value) for e in events[2:] for v in e.summary.value]
-  assert scalars == [(41, 'train/loss', 0.25), (2**40, 'val/accuracy', 0.875),
-                     (0, 'train/learning_rate', pytest.approx(-1e-3))]
-  assert all(e.wall_time > 1e9 for e in events)
+  assert all(name.startswith('events.out.tfevents.') for name in os.listdir(tmp_path))
+  events = event_accumulator.EventAccumulator(str(tmp_path))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars('train/loss')] == [(41, 0.25),
+                                                                       (2**40, 0.125)]
+  assert [(e.step, e.value) for e in events.Scalars('val/accuracy')] == [(0, 0.875)]
+
+
+def test_a_resumed_run_purges_the_steps_it_logs_again(tmp_path):
+  """The killed part logged steps 10-30; resumed from 20, TensorBoard keeps 10 and 20."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  first = metrics.EventWriter(str(tmp_path))
+  for step in (10, 20, 30):
+    first.add_scalar('train/loss', step / 100, step)
+  first.close()
+  time.sleep(1.1)  # event files are ordered by the second in their names
+  resumed = metrics.EventWriter(str(tmp_path), purge_step=21)
+  resumed.add_scalar('train/loss', 0.99, 30)
+  resumed.close()
+  events = event_accumulator.EventAccumulator(str(tmp_path), purge_orphaned_data=True)
+  events.Reload()
+  assert [(e.step, round(e.value, 2)) for e in events.Scalars('train/loss')] == [
+      (10, 0.1), (20, 0.2), (30, 0.99)]
 
 
 # A concurrent `import torch` (another thread, a notebook's cell) must never find
