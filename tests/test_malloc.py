@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from smallfx import malloc
+from smallfx import tuning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = """
 import json, os, sys
 from smallfx import malloc
+from smallfx import tuning
 malloc.relaunch()
 print(json.dumps([malloc.name(), sys.argv[1:], os.environ.get('GLIBC_TUNABLES')]))
 """
@@ -125,6 +127,8 @@ def test_glibc_huge_pages_need_glibc_2_35_and_thp(monkeypatch, tmp_path):
 
 
 def test_hint_only_for_cpu_tuned_runs_on_plain_glibc(monkeypatch):
+  # As in a fresh process: no earlier test's `tuning.prepare` decides for this one.
+  monkeypatch.setitem(tuning._state, 'on', None)  # pylint: disable=protected-access
   monkeypatch.delenv(malloc.ENV, raising=False)
   monkeypatch.delenv('LD_PRELOAD', raising=False)
   monkeypatch.delenv('SMALLFX_CPU_TUNING', raising=False)

@@ -38,9 +38,9 @@ Cases:
 in the same rounds: a temporary `git worktree`, imported by a child process of its own
 (`harness.checkout`, `harness.Served`). REF must have `smallfx.train.set_up` (issue 22).
 
-Allocator: like `python -m smallfx.main`, the benchmark re-executes itself under
-tcmalloc where the machine has it (smallfx/malloc.py), and PyTorch then shares it;
-SMALLFX_MALLOC=system runs both on glibc's malloc. The header line says which.
+Allocator: like `python -m smallfx.main`, the benchmark re-executes itself under the
+allocator smallfx/malloc.py picks (mimalloc, else tcmalloc), and PyTorch then shares
+it; SMALLFX_MALLOC=system runs both on glibc's malloc. The header line says which.
 
 Memory: on CPU the peak RSS of the process while each framework runs (VmHWM, reset
 through /proc/self/clear_refs before each; both share the process, so it includes the

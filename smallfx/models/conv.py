@@ -88,10 +88,7 @@ SHIFTED_PRODUCTS_MAX_TAPS = 9
 # products beats it (x1.07). With stride-1 1x1 layers on oneDNN as well: EfficientNet-Lite0
 # x0.85, and x0.96-0.97 against this rule for ResNet-18 and ResNet-20.
 # Unlike XLA's own oneDNN thunk, FFI calls serialise: jax's compilation cache keeps them.
-# Whether they are used is `tuning.onednn_calls()`; tools that need XLA's convolutions
-# alone meanwhile (cost analysis counts no custom call's FLOPs: tools/bench.py) may set
-# this False.
-ONEDNN = True
+# Whether they are used is `tuning.onednn_calls()` (`tuning.forced` for tools and tests).
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -178,7 +175,7 @@ def _onednn_fits(x, w, strides, padding):
   # custom call. oneDNN takes no negative padding (a crop), and no empty operand or output.
   pointwise = w.shape[:2] == (1, 1)
   unblocked = w.shape[2] % 16 or w.shape[3] % 16
-  return (ONEDNN and not (pointwise and (strides == (1, 1) or unblocked))
+  return (not (pointwise and (strides == (1, 1) or unblocked))
           and jax.default_backend() == 'cpu' and _one_device_program()
           and x.dtype == w.dtype == jnp.float32 and min(min(p) for p in padding) >= 0
           and min(x.shape + w.shape) > 0
