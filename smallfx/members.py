@@ -23,7 +23,7 @@ The loop, evaluation, checkpoints, benchmarks and tests all go through it.
 import dataclasses
 import itertools
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -175,9 +175,6 @@ class Layout:
   def join(self, parts: list):
     return parts[0] if len(parts) == 1 else _join(parts, self.state_sharding)
 
-  def order(self, per_round: list) -> np.ndarray:
-    """Per-round (D,) arrays as one (K,) array in member order (see `split`)."""
-    return np.stack(per_round, -1).reshape(-1)
 
 
 def make_layout(num_members: int, member_devices: int = 0) -> Layout:
@@ -346,8 +343,3 @@ def compile_eval(layout: Layout, eval_fn: Callable) -> Callable:
     return [jitted(part, *batch) for part in parts]
 
   return run
-
-
-def tree_member(tree: Any, m: int) -> Any:
-  """Member m's slice of a tree with a leading member axis."""
-  return jax.tree.map(lambda a: a[m], tree)

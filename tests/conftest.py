@@ -1,9 +1,11 @@
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -59,3 +61,18 @@ def cpu_tuning(request):
   from smallfx import tuning  # pylint: disable=g-import-not-at-top
   with tuning.forced(request.param):
     yield request.param
+
+
+def start_and_kill_after(args, workdir, step: int, timeout: float = 300) -> None:
+  """Starts `python -m smallfx.main ARGS --workdir=WORKDIR` and SIGKILLs it once a
+  checkpoint at `step` or later exists, as a crash would; fails if it finished first."""
+  proc = subprocess.Popen([sys.executable, '-m', 'smallfx.main', *args, f'--workdir={workdir}'],
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline, ckpts = time.time() + timeout, os.path.join(str(workdir), 'checkpoints')
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpts) and any(d.isdigit() and int(d) >= step for d in os.listdir(ckpts)):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, 'the run finished before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()

@@ -7,7 +7,6 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax import lax
 from jax.experimental import serialize_executable
@@ -235,7 +234,7 @@ def test_onednn_off_gives_lax_programs(on):
 
 def test_tuning_off_gives_flax_programs():
   """CPU tuning off: `Conv` lowers to what `nn.Conv` lowers to, rewrites and calls alike."""
-  x, w = jnp.ones((2, 8, 8, 1)), jnp.ones((3, 3, 1, 4))
+  x = jnp.ones((2, 8, 8, 1))
   programs = {}
   for name, module in (('ours', conv.Conv(4, (3, 3))), ('flax', nn.Conv(4, (3, 3)))):
     params = module.init(jax.random.key(0), x)

@@ -3,7 +3,6 @@ import os
 import struct
 import zlib
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image

@@ -1,11 +1,6 @@
 """Members: seeds x hyperparameter settings as one program; the setting chosen on validation."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import chex
 import jax
@@ -19,7 +14,7 @@ from smallfx import results as results_lib
 from smallfx import train
 from smallfx.errors import UserError
 
-from conftest import REPO, run_cli
+from conftest import run_cli, start_and_kill_after
 
 
 def config(**kw):
@@ -44,7 +39,7 @@ def trained(c, steps=None):
 
 
 def member(state, m):
-  return members.tree_member(state.params, m)
+  return jax.tree.map(lambda a: a[m], state.params)
 
 
 def test_grid_orders_members_by_setting_then_seed():
@@ -160,16 +155,7 @@ def test_sweep_killed_and_resumed_matches_an_uninterrupted_run(tmp_path):
   straight = run_cli('smallfx.main', *args, f'--workdir={tmp_path / "straight"}')
   assert straight.returncode == 0, straight.stderr
   workdir = tmp_path / 'killed'
-  proc = subprocess.Popen([sys.executable, '-m', 'smallfx.main', *args, f'--workdir={workdir}'],
-                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline, ckpts = time.time() + 300, workdir / 'checkpoints'
-  while time.time() < deadline and proc.poll() is None:
-    if ckpts.exists() and any(d.isdigit() and int(d) >= 100 for d in os.listdir(ckpts)):
-      break
-    time.sleep(0.05)
-  assert proc.poll() is None, 'the run finished before it could be killed'
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  start_and_kill_after(args, workdir, step=100)
   resumed = run_cli('smallfx.main', *args, f'--workdir={workdir}')
   assert resumed.returncode == 0, resumed.stderr
   a = json.load(open(tmp_path / 'straight' / 'results.json'))

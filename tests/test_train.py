@@ -5,10 +5,8 @@ import dataclasses
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import chex
 import jax
@@ -27,7 +25,7 @@ from smallfx import steps as steps_lib
 from smallfx import train
 from smallfx import tuning
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, start_and_kill_after
 
 QUICK = ['--config.model=resnet20', '--config.width=0.5', '--config.num_steps=120',
          '--config.log_every_steps=20', '--config.eval_every_steps=40',
@@ -186,18 +184,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
   straight = run_cli('smallfx.main', *args, f'--workdir={tmp_path / "straight"}')
   assert straight.returncode == 0, straight.stderr
   workdir = tmp_path / 'killed'
-  proc = subprocess.Popen([sys.executable, '-m', 'smallfx.main', *args, f'--workdir={workdir}'],
-                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  ckpts = workdir / 'checkpoints'
-  while time.time() < deadline and proc.poll() is None:
-    steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
-    if steps and max(steps) >= 100:
-      break
-    time.sleep(0.05)
-  assert proc.poll() is None, 'the run finished before it could be killed'
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  start_and_kill_after(args, workdir, step=100)
   assert not (workdir / 'results.json').exists()
   resumed = run_cli('smallfx.main', *args, f'--workdir={workdir}')
   assert resumed.returncode == 0, resumed.stderr

@@ -136,7 +136,7 @@ def main():
     # CPU time (user + system) per step: what the step cost this process, which other
     # processes on the machine inflate less than they do its wall time.
     cpu = {label: [r[key]['user_ms'] + r[key]['sys_ms'] for r in runs[label]] for label in labels}
-    print(f'  cpu ms per step: ' + ', '.join(
+    print('  cpu ms per step: ' + ', '.join(
         f'{label} {np.median(v):.0f} [{min(v):.0f}-{max(v):.0f}] (sys '
         f'{np.median([r[key]["sys_ms"] for r in runs[label]]):.0f})'
         for label, v in cpu.items()), flush=True)
