@@ -5,41 +5,64 @@ import numpy as np
 from smallfx.errors import UserError, unknown
 
 
-def random_forest(dataset, seed: int = 0) -> float:
+def _pixels(images) -> np.ndarray:
+  return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+
+def random_forest(train, seed: int = 0, features=None):
+  del features
   from sklearn.ensemble import RandomForestClassifier  # pylint: disable=g-import-not-at-top
-  flat = lambda s: s.images.reshape(len(s.images), -1).astype(np.float32) / 255.0
   forest = RandomForestClassifier(n_estimators=500, random_state=seed, n_jobs=-1)
-  forest.fit(flat(dataset.train), dataset.train.labels)
-  return float(np.mean(forest.predict(flat(dataset.test)) == dataset.test.labels))
+  forest.fit(_pixels(train.images), train.labels)
+  return lambda images: forest.predict(_pixels(images))
 
 
-def logistic_features(dataset, seed: int = 0, features=None) -> float:
+def gradient_boosting(train, seed: int = 0, features=None):
+  """Histogram gradient-boosted trees (scikit-learn's defaults, early stopping off)."""
+  del features
+  from sklearn.ensemble import HistGradientBoostingClassifier  # pylint: disable=g-import-not-at-top
+  trees = HistGradientBoostingClassifier(random_state=seed, early_stopping=False)
+  trees.fit(_pixels(train.images), train.labels)
+  return lambda images: trees.predict(_pixels(images))
+
+
+def logistic_features(train, seed: int = 0, features=None):
   """Logistic regression on a frozen pretrained backbone's pooled features."""
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
   from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
   if features is None:
     raise UserError("baseline 'logistic_features' needs pretrained weights: set "
                     '--config.pretrained')
-  scaler = StandardScaler().fit(features(dataset.train.images))
+  train_features = features(train.images)
+  scaler = StandardScaler().fit(train_features)
   probe = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
-  probe.fit(scaler.transform(features(dataset.train.images)), dataset.train.labels)
-  predicted = probe.predict(scaler.transform(features(dataset.test.images)))
-  return float(np.mean(predicted == dataset.test.labels))
+  probe.fit(scaler.transform(train_features), train.labels)
+  return lambda images: probe.predict(scaler.transform(features(images)))
 
 
-BASELINES = {'random_forest': random_forest, 'logistic_features': logistic_features,
-             'none': None}
+BASELINES = {'random_forest': random_forest, 'gradient_boosting': gradient_boosting,
+             'logistic_features': logistic_features, 'none': None}
 
 
-def run(name: str, dataset, seed: int = 0, features=None):
-  """Test accuracy of baseline `name`, or None for 'none'.
+def fit(name: str, train, seed: int = 0, features=None):
+  """Baseline `name` fitted on the split `train`: a function from images to labels.
 
   `features` maps uint8 images to pooled features of the pretrained backbone,
   where the run has one.
   """
+  if name not in BASELINES or BASELINES[name] is None:
+    raise unknown('baseline', name, [n for n, f in BASELINES.items() if f])
+  return BASELINES[name](train, seed, features)
+
+
+def accuracy(predict, split) -> float:
+  return float(np.mean(predict(split.images) == split.labels))
+
+
+def run(name: str, dataset, seed: int = 0, features=None):
+  """Test accuracy of baseline `name` trained on `dataset.train`, or None for 'none'."""
   if name not in BASELINES:
     raise unknown('baseline', name, BASELINES)
-  if name == 'logistic_features':
-    return logistic_features(dataset, seed, features)
-  fn = BASELINES[name]
-  return None if fn is None else fn(dataset, seed)
+  if BASELINES[name] is None:
+    return None
+  return accuracy(fit(name, dataset.train, seed, features), dataset.test)

@@ -8,9 +8,12 @@ size, normalisation, class names and class targets. Training runs and
 `--config.pretrained` read either.
 """
 
+import contextlib
 import errno
+import glob
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -31,6 +34,7 @@ _MANAGERS = weakref.WeakSet()
 
 
 def manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+  _quiet_closed_loop()  # writes that a failed save cuts short report to a closed loop
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
                                options=options)
@@ -176,6 +180,51 @@ def prepare_workdir(workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise UserError(_workdir_problem(workdir, e)) from None
+
+
+# What a failed write says, in an OSError's errno or in the text TensorStore wraps it in.
+_DISK_PROBLEMS = (
+    ((errno.ENOSPC, errno.EDQUOT), ('No space left on device', "os_error_code='28'",
+                                    'Disk quota exceeded'), 'no space left on its disk'),
+    ((errno.EROFS,), ('Read-only file system',), 'its file system became read-only'),
+    ((errno.EACCES, errno.EPERM), ('Permission denied',), 'permission denied'),
+)
+
+
+def _disk_problem(e: BaseException) -> str | None:
+  seen = []
+  while e is not None and e not in seen:
+    seen.append(e)
+    for codes, texts, problem in _DISK_PROBLEMS:
+      if getattr(e, 'errno', None) in codes or any(t in str(e) for t in texts):
+        return problem
+    e = e.__cause__ or e.__context__
+  return None
+
+
+@contextlib.contextmanager
+def disk_errors(workdir: str):
+  """A write that fails mid-run (a full disk) as one line; the last good checkpoint stays.
+
+  Orbax writes a step into a temporary folder and renames it when complete, so a
+  failed save leaves earlier steps whole; its temporary folder is removed here.
+  """
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    problem = _disk_problem(e)
+    if problem is None:
+      raise
+    finish_saves()
+    folder = os.path.join(workdir, 'checkpoints')
+    for partial in glob.glob(os.path.join(folder, '*.orbax-checkpoint-tmp*')):
+      shutil.rmtree(partial, ignore_errors=True)
+    steps = sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(
+        folder) else []
+    kept = (f'the last good checkpoint (step {steps[-1]}) is kept' if steps
+            else 'no checkpoint had been saved')
+    raise UserError(f'cannot write to workdir {workdir}: {problem}; {kept}. Free some space '
+                    '(or fix the folder) and re-run the same command to resume') from None
 
 
 def _workdir_problem(workdir: str, e: OSError) -> str:

@@ -1,6 +1,7 @@
 """Command-line plumbing shared by the entry points: one-line errors, exit status 2."""
 
 import functools
+import logging as std_logging
 import os
 import re
 import sys
@@ -136,6 +137,21 @@ def enable_compilation_cache() -> None:
   jax.config.update('jax_compilation_cache_max_size', 2 * 2**30)
 
 
+def _quiet(record) -> bool:
+  """Whether a log record is shown: not those whose error the main thread reports.
+
+  Ctrl-C during a wait for a save makes Orbax log the interrupt with its traceback; a
+  failed asynchronous save (a full disk) is logged by Orbax's threads and by asyncio
+  for each of its tasks, then raised in the main thread, where it becomes one line
+  (checkpoint.disk_errors) or a traceback.
+  """
+  if record.exc_info and record.exc_info[0] is KeyboardInterrupt:
+    return False
+  if 'orbax' in record.pathname and record.levelno >= std_logging.ERROR:
+    return False
+  return not (record.name == 'asyncio' and 'exception was never retrieved' in str(record.msg))
+
+
 def run(main: Callable, help_text: Callable[[], str] | None = None) -> None:
   """absl's app.run, with UserError turned into one line on stderr and exit 2.
 
@@ -145,10 +161,7 @@ def run(main: Callable, help_text: Callable[[], str] | None = None) -> None:
   def wrapped(argv):
     # Orbax and JAX log every checkpoint step at INFO; the progress bar says enough.
     logging.set_verbosity(logging.WARNING)
-    # Ctrl-C during a wait for a save makes Orbax log the interrupt with its traceback;
-    # the one line below says it.
-    logging.get_absl_logger().addFilter(
-        lambda record: not (record.exc_info and record.exc_info[0] is KeyboardInterrupt))
+    logging.get_absl_handler().addFilter(_quiet)
     enable_compilation_cache()
     try:
       main(argv)

@@ -17,6 +17,7 @@ def default() -> ml_collections.ConfigDict:
   c.data_seed = 0
   c.image_size = 0     # 0: native size; N or (H, W): resize on load.
   c.channels = 0       # folder datasets: 1 (grey) or 3 (RGB, the default).
+  c.max_image_pixels = 0  # folder datasets: Pillow's decompression-bomb limit (0: Pillow's).
   # Grammar in smallfx/augment.py; 'auto' picks by image size (`experiment.AUTO_AUGMENT`).
   c.augment = 'auto'
 
@@ -33,10 +34,12 @@ def default() -> ml_collections.ConfigDict:
   c.backbone_lr_mult = 0.1     # 'full': the backbone learns this much slower.
   c.freeze_bn = True           # keep the pretrained BatchNorm statistics.
 
-  # Optimisation. Durations: `num_steps` if > 0, else `num_epochs` over the training split.
+  # Optimisation. Durations: `num_steps` if > 0, else `num_epochs` over the training
+  # split, at most `max_steps` (0: no cap).
   c.batch_size = 32
   c.num_steps = 0
   c.num_epochs = 300.0
+  c.max_steps = 0
   c.optimizer = 'sgd'
   c.learning_rate = 0.1
   c.momentum = 0.9
@@ -74,4 +77,32 @@ def default() -> ml_collections.ConfigDict:
   c.eval_batch_size = 500
   c.baseline = 'random_forest'
   c.progress = True
+  return c
+
+
+def study() -> ml_collections.ConfigDict:
+  """The defaults every study config starts from (`python -m smallfx.study`)."""
+  c = ml_collections.ConfigDict()
+  # The experiment every method starts from: any `smallfx.main` config's fields,
+  # overridable as --config.base.KEY=VALUE. Its own sweep and seeds are the study's.
+  c.base = default()
+  c.base.baseline = 'none'  # baselines are methods of their own
+  c.base.progress = False
+  # Samples per class (ascending, comma-separated), and methods by name
+  # (--config.methods=help lists them).
+  c.sizes = '10,25,50,100'
+  c.methods = 'random_forest,xent,cosine,cosine+aug,ensemble'
+  # The tuning grid every trained method gets (a method may bring a smaller one):
+  # comma-separated values of any sweepable field.
+  c.grid = ml_collections.ConfigDict({name: '' for name in SWEEPABLE})
+  c.grid.learning_rate = '0.03,0.1,0.3'
+  c.grid.weight_decay = '5e-5,5e-4,5e-3'
+  # Seeds: the grid trains `tune_seeds` of each setting; the chosen setting then
+  # trains `seeds` fresh ones (their own initialisations and training sub-samples),
+  # which give the reported figures. `tune_seeds=0`: no retraining, the tuning run's
+  # seeds of the chosen setting are reported (their choice then flatters them a little).
+  c.seeds = 3
+  c.tune_seeds = 1
+  # Free text the report repeats under Setup: where the durations and pipelines come from.
+  c.notes = ''
   return c

@@ -42,6 +42,7 @@ class Spec:
   data_seed: int = 0
   image_size: int | tuple[int, int] = 0
   channels: int = 0
+  max_image_pixels: int = 0  # 0: Pillow's own limit
 
   @classmethod
   def from_config(cls, config) -> 'Spec':
@@ -94,7 +95,10 @@ class Dataset:
 def stratified_split(labels: np.ndarray, per_class: int, seed: int,
                      class_names=None) -> tuple[np.ndarray, np.ndarray]:
   """Indices of `per_class` examples of every class, and of the rest (both sorted)."""
-  classes, counts = np.unique(labels, return_counts=True)
+  # Every class of the dataset counts, so a class with no examples here is refused
+  # too (it would be an output that is never trained).
+  counts = np.bincount(labels, minlength=len(class_names) if class_names is not None else 0)
+  classes = np.arange(len(counts))
   if per_class > counts.min():
     c = classes[np.argmin(counts)]
     name = class_names[c] if class_names is not None else c
@@ -183,11 +187,25 @@ def load_tfds(name: str, spec) -> Source:
   if 'image' not in features or 'label' not in features:
     raise UserError(f'tfds dataset {name!r} has no image and label features')
 
+  size = _size(spec.image_size)
+
+  def image(record):
+    x = np.asarray(record['image'], np.uint8)
+    x = x if x.ndim == 3 else x[..., None]
+    if size and x.shape[:2] != size:  # photographs differ in size: resize each on load
+      from PIL import Image  # pylint: disable=g-import-not-at-top
+      x = np.asarray(Image.fromarray(x.squeeze(-1) if x.shape[-1] == 1 else x).resize(
+          (size[1], size[0]), Image.BILINEAR), np.uint8).reshape(*size, x.shape[-1])
+    return x
+
   def split(source):
     items = [source[i] for i in range(len(source))]
-    images = np.stack([np.asarray(r['image'], np.uint8) for r in items])
-    labels = np.array([r['label'] for r in items], np.int32)
-    return Split(images if images.ndim == 4 else images[..., None], labels)
+    images = [image(r) for r in items]
+    shapes = {x.shape for x in images}
+    if len(shapes) > 1:
+      raise UserError(f'images of tfds dataset {name!r} differ in size ({sorted(shapes)[:2]}'
+                      '...); set --config.image_size to resize them')
+    return Split(np.stack(images), np.array([r['label'] for r in items], np.int32))
 
   names = list(features['label'].names)
   try:
@@ -214,14 +232,17 @@ def _to_8_bits(im, path: str):
   return Image.fromarray(np.round(x / 257).astype(np.uint8))
 
 
-def read_image(path: str, channels: int = 3, size=None) -> np.ndarray:
+def read_image(path: str, channels: int = 3, size=None, max_pixels: int = 0) -> np.ndarray:
   """One image file as uint8 (H, W, channels), resized (bilinear) to `size` (H, W).
 
   Any bit depth Pillow reads is scaled to 8 bits; a file Pillow cannot read, or one
-  over its decompression-bomb limit, is a UserError naming the file.
+  over its decompression-bomb limit (`max_pixels`, 0: Pillow's), is a UserError naming
+  the file.
   """
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  limit = Image.MAX_IMAGE_PIXELS
   try:
+    Image.MAX_IMAGE_PIXELS = max_pixels or limit
     with warnings.catch_warnings():
       # Between the limit and twice it Pillow only warns, in two lines without the file.
       warnings.simplefilter('error', Image.DecompressionBombWarning)
@@ -234,12 +255,15 @@ def read_image(path: str, channels: int = 3, size=None) -> np.ndarray:
     pixels = re.search(r'\((\d+) pixels\)', str(e))
     raise UserError(f'cannot read image {path}: {pixels.group(1) if pixels else "its"} pixels '
                     f"exceed Pillow's limit of {Image.MAX_IMAGE_PIXELS} (a guard against "
-                    'decompression bombs); shrink the image') from None
+                    'decompression bombs); shrink the image, or raise the limit with '
+                    '--config.max_image_pixels=N if you trust the file') from None
   except (OSError, UnidentifiedImageError, ValueError) as e:
     raise UserError(f'cannot read image {path}: {e}') from None
+  finally:
+    Image.MAX_IMAGE_PIXELS = limit
 
 
-def _read_image_folder(root: str, size, channels: int):
+def _read_image_folder(root: str, size, channels: int, max_pixels: int = 0):
   classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
   if not classes:
     raise UserError(f'{root} has no class sub-folders (expected one folder of images per class)')
@@ -256,7 +280,8 @@ def _read_image_folder(root: str, size, channels: int):
       raise UserError(f'class folder {os.path.join(root, name)} has no images '
                       f'({", ".join(IMAGE_EXTENSIONS)}); add some, or move the folder '
                       f'out of {root}')
-    images += [read_image(os.path.join(root, name, f), channels, size) for f in files]
+    images += [read_image(os.path.join(root, name, f), channels, size, max_pixels)
+               for f in files]
     labels += [label] * len(files)
   shapes = {im.shape for im in images}
   if len(shapes) > 1:
@@ -271,12 +296,14 @@ def load_folder(path: str, spec) -> Source:
   size = _size(spec.image_size) or (32, 32)
   channels = spec.channels or 3
   if all(os.path.isdir(os.path.join(path, s)) for s in ('train', 'test')):
-    tr_x, tr_y, names = _read_image_folder(os.path.join(path, 'train'), size, channels)
-    te_x, te_y, te_names = _read_image_folder(os.path.join(path, 'test'), size, channels)
+    tr_x, tr_y, names = _read_image_folder(os.path.join(path, 'train'), size, channels,
+                                           spec.max_image_pixels)
+    te_x, te_y, te_names = _read_image_folder(os.path.join(path, 'test'), size, channels,
+                                              spec.max_image_pixels)
     if te_names != names:
       raise UserError(f'{path}/train and {path}/test have different class folders')
     return Source(Split(tr_x, tr_y), Split(te_x, te_y), names)
-  return held_out_split(*_read_image_folder(path, size, channels))
+  return held_out_split(*_read_image_folder(path, size, channels, spec.max_image_pixels))
 
 
 SOURCES: dict[str, Callable] = {'digits': load_digits, 'fashion_mnist': load_fashion_mnist}

@@ -38,9 +38,10 @@ _AT_LEAST_1 = (lambda v: v >= 1, '>= 1')
 _POSITIVE = (lambda v: v > 0, '> 0')
 RANGES = {
     'samples_per_class': _AT_LEAST_0, 'val_per_class': _AT_LEAST_0, 'data_seed': _AT_LEAST_0,
-    'channels': (lambda v: v in (0, 1, 3), '0 (auto), 1 or 3'),
+    'channels': (lambda v: v in (0, 1, 3), '0 (auto), 1 or 3'), 'max_image_pixels': _AT_LEAST_0,
     'width': _POSITIVE, 'embedding_dim': _AT_LEAST_0, 'backbone_lr_mult': _AT_LEAST_0,
     'batch_size': _AT_LEAST_1, 'num_steps': _AT_LEAST_0, 'num_epochs': _AT_LEAST_0,
+    'max_steps': _AT_LEAST_0,
     'learning_rate': _POSITIVE, 'momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'weight_decay': _AT_LEAST_0, 'warmup_steps': _AT_LEAST_0, 'sgdr_cycles': _AT_LEAST_1,
     'grad_clip_norm': _AT_LEAST_0, 'label_smoothing': (lambda v: 0 <= v < 1, 'in [0, 1)'),
@@ -81,6 +82,7 @@ class Experiment:
   batch_size: int
   num_steps: int
   num_epochs: float
+  max_steps: int                     # 0: no cap
   embedding_dim: int
   pretrained: str
   freeze_bn: bool
@@ -180,6 +182,7 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
       hyperparams={name: float(config[name]) for name in optim.HYPERPARAMS},
       grid=sweep, seed=int(config.seed), batch_size=int(config.batch_size),
       num_steps=int(config.num_steps), num_epochs=float(config.num_epochs),
+      max_steps=int(config.max_steps),
       embedding_dim=int(config.embedding_dim), pretrained=config.pretrained,
       freeze_bn=bool(config.freeze_bn), resample_per_seed=bool(config.resample_per_seed),
       baseline=config.baseline, member_devices=int(config.member_devices),
@@ -195,6 +198,8 @@ def build(exp: Experiment, num_classes: int, train_size: int, image_shape) -> Se
     raise UserError(f'batch_size={exp.batch_size} is larger than the training split '
                     f'({train_size} images); lower --config.batch_size')
   total_steps = exp.num_steps or max(1, math.ceil(exp.num_epochs * train_size / exp.batch_size))
+  if exp.max_steps:
+    total_steps = min(total_steps, exp.max_steps)
   tx, unit = optim.make(exp.optimizer, total_steps, exp.hyperparams)
   model = models.build(exp.model, exp.embedding_dim or num_classes,
                        num_classes if exp.loss.needs_classifier else 0, exp.width,

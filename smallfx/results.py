@@ -103,3 +103,20 @@ def summary_line(results: dict, workdir: str) -> str:
   base = f" | {results['baseline']} {base:.4f}" if base is not None else ''
   return (f"{acc}{base} | {results['steps']} steps, {results['wall_seconds']:.0f} s, "
           f"{results['images_per_sec']:.0f} img/s | {workdir}")
+
+
+def machine() -> str:
+  """The processor and core count (and accelerators, where any), for records."""
+  import os  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = platform_lib.processor() or platform_lib.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  text = f'{len(os.sched_getaffinity(0))}-core {cpu}'
+  devices = jax.devices()
+  if devices[0].platform != 'cpu':
+    text += f', {len(devices)} x {devices[0].device_kind}'
+  return text

@@ -109,7 +109,9 @@ class Run:
     if not self.exp.resample_per_seed:
       return jax.device_put((self.dataset.train.images, self.dataset.train.labels),
                             self.layout.replicated)
-    splits = [data_lib.resample_train(self.dataset, self.exp.data, self.exp.grid.seed_of(m))
+    # Seed s of a run with `seed=S` draws sub-sample S + s: another `seed` draws others.
+    splits = [data_lib.resample_train(self.dataset, self.exp.data,
+                                      self.exp.seed + self.exp.grid.seed_of(m))
               for m in range(self.exp.num_members)]
     return jax.device_put((np.stack([s.images for s in splits]),
                            np.stack([s.labels for s in splits])), self.layout.state_sharding)
@@ -136,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes, or reports) the experiment of `config` in `workdir`."""
   exp = experiment.resolve(config)
   checkpoint.prepare_workdir(workdir)
-  with workdir_lib.lock(workdir):
+  with workdir_lib.lock(workdir), checkpoint.disk_errors(workdir):
     return _train_and_evaluate(config, exp, workdir)
 
 
@@ -250,7 +252,7 @@ def _train_and_evaluate(config, exp: experiment.Experiment, workdir: str) -> dic
   results.update({
       'baseline': exp.baseline,
       'baseline_accuracy': baseline_lib.run(exp.baseline, dataset, exp.data.data_seed,
-                                            _feature_fn(run)),
+                                            feature_fn(run)),
       'steps': int(step),
       'resumed_from_step': int(start),
       'wall_seconds': float(wall_before),
@@ -345,7 +347,7 @@ def _model_spec(exp, dataset, mean, std) -> dict:
           'num_seeds': exp.num_members}
 
 
-def _feature_fn(run: Run):
+def feature_fn(run: Run):
   """The pretrained backbone's features of uint8 images, for feature baselines."""
   if run.pretrained is None:
     return None

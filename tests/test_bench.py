@@ -195,3 +195,30 @@ def test_harness_steps_are_the_runs_own():
   twin.run(2)
   assert twin.compiled is steps.compiled
   assert np.isfinite(steps.loss()) and steps.loss() == pytest.approx(twin.loss(), rel=1e-5)
+
+
+def test_bench_study_separate_runs_are_the_cells_members(tmp_path):
+  import bench_study  # pylint: disable=g-import-not-at-top
+  from smallfx import cells, methods  # pylint: disable=g-import-not-at-top
+  study = bench_study.study_of('configs/study/digits.py', [
+      '--config.grid.learning_rate=0.1,0.3', '--config.grid.weight_decay=5e-4',
+      '--config.seeds=2', '--config.methods=cosine', '--config.sizes=10'], str(tmp_path))
+  runs = bench_study.separate_configs(study, cells.Cell(methods.METHODS['cosine'], 10),
+                                      {'learning_rate': 0.3, 'weight_decay': 5e-4})
+  got = [(what.split()[0], c.learning_rate, c.seed, c.num_seeds, c.sweep.learning_rate)
+         for what, c in runs]
+  tune = cells.TUNE_SEED_OFFSET
+  assert got == [('tune', 0.1, tune, 1, ''), ('tune', 0.3, tune, 1, ''),
+                 ('final', 0.3, 0, 1, ''), ('final', 0.3, 1, 1, '')]
+
+
+@pytest.mark.slow
+def test_bench_study_runs_end_to_end(tmp_path):
+  out = tmp_path / 'study.json'
+  subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_study.py'),
+                  '--config=configs/study/digits.py', '--method=cosine', '--size=10',
+                  f'--json={out}', '--', '--config.grid.learning_rate=0.1,0.3',
+                  '--config.grid.weight_decay=5e-4', '--config.seeds=2',
+                  '--config.base.max_steps=20'], check=True, cwd=ROOT, timeout=900)
+  record = json.loads(out.read_text())
+  assert len(record['separate_s']) == 4 and record['ratio'] > 0

@@ -191,6 +191,10 @@ def test_image_over_pillow_pixel_limit_is_one_line(tmp_path, monkeypatch, limit)
   monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', limit)
   with pytest.raises(UserError, match=f"cat/0.png: 600 pixels exceed Pillow's limit of {limit}"):
     data.load(cfg(dataset=f'folder:{tmp_path}', samples_per_class=2, val_per_class=1))
+  # The config may raise the limit for files the user trusts; Pillow's own is restored.
+  d = data.load(cfg(dataset=f'folder:{tmp_path}', samples_per_class=2, val_per_class=1,
+                    max_image_pixels=600))
+  assert len(d.train.labels) == 4 and Image.MAX_IMAGE_PIXELS == limit
 
 
 def _write_idx(path, array):

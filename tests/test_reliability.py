@@ -7,6 +7,8 @@ data's own mistakes are in tests/test_data.py, weights files' in tests/test_conv
 import errno
 import glob
 import os
+import re
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -191,3 +193,31 @@ def test_read_only_folder_is_one_line(tmp_path):
       checkpoint.prepare_workdir(str(tmp_path / 'run'))
   finally:
     os.chmod(tmp_path, 0o700)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 1.5 MB file system (tmpfs): room for a few SmallCNN checkpoints, then full."""
+  mount = tmp_path / 'disk'
+  mount.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1500k', 'tmpfs', str(mount)],
+                    capture_output=True, check=False).returncode:
+    pytest.skip('cannot mount a small tmpfs here (needs root)')
+  yield mount
+  subprocess.run(['umount', str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(cli, small_disk):
+  workdir = small_disk / 'run'
+  result = cli('smallfx.main', '--config=configs/cosine.py', '--config.model=cnn',
+               '--config.num_steps=400', '--config.checkpoint_every_steps=50',
+               '--config.baseline=none', '--config.progress=False', f'--workdir={workdir}')
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [line for line in result.stderr.strip().splitlines()
+           if not line.startswith('building oneDNN')]  # the test session's first build
+  assert len(lines) == 1 and 'no space left on its disk' in lines[0], result.stderr[-2000:]
+  kept = re.search(r'last good checkpoint \(step (\d+)\) is kept', lines[0])
+  assert kept, lines[0]
+  left = os.listdir(workdir / 'checkpoints')
+  assert kept.group(1) in left and not [d for d in left if 'tmp' in d], left

