@@ -11,8 +11,10 @@ with one is finished, and a re-run skips it.
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
+import socket
 import time
 
 import ml_collections
@@ -86,17 +88,24 @@ def resolve(config: ml_collections.ConfigDict, workdir: str) -> Study:
   for name in config.grid:
     if name not in config_lib.SWEEPABLE:
       raise UserError(f'unknown grid field {name!r}; valid: {", ".join(config_lib.SWEEPABLE)}')
-  study = Study(base=config.base, sizes=sizes, methods=tuple(methods_lib.get(config.methods)),
+  chosen_methods = methods_lib.get(config.methods)
+  if not any(m.kind != 'ensemble' for m in chosen_methods):
+    raise UserError('methods: the ensemble averages a from-scratch method; name one too, '
+                    'e.g. --config.methods=cosine,ensemble')
+  study = Study(base=config.base, sizes=sizes, methods=tuple(chosen_methods),
                 grid={k: str(v) for k, v in config.grid.items() if str(v).strip()},
                 seeds=int(config.seeds), tune_seeds=int(config.tune_seeds), workdir=workdir,
                 notes=str(config.notes))
+  for cell in cells(study):
+    for stage in stages(study, cell.method):
+      experiment.resolve(cell_config(study, cell, stage, chosen={}))
+  return study
+
+
+def check_available(study: Study) -> None:
+  """Every method's packages are installed (before anything trains)."""
   for method in study.methods:
     method.check_available()
-  for cell in cells(study):
-    if cell.method.kind == 'trained':
-      for stage in stages(study):
-        experiment.resolve(cell_config(study, cell, stage, chosen={}))
-  return study
 
 
 def check_sizes(study: Study) -> int:
@@ -126,15 +135,24 @@ def shard(all_cells: list[Cell], index: int, count: int) -> list[Cell]:
   return all_cells[index::count]
 
 
-def stages(study: Study) -> tuple[str, ...]:
+def stages(study: Study, method: methods_lib.Method) -> tuple[str, ...]:
+  """The runs of a method's cell: a baseline fits once; a trained method without a grid
+  has nothing to tune; `tune_seeds=0` reports the tuning run's own seeds."""
+  if method.kind != 'trained' or not study.grid_of(method):
+    return ('final',)
   return ('tune', 'final') if study.tune_seeds else ('tune',)
+
+
+def _tune_seed(study: Study) -> int:
+  """The first seed of tuning runs: fresh ones when the chosen setting is retrained."""
+  return study.base.seed + (TUNE_SEED_OFFSET if study.tune_seeds else 0)
 
 
 def cpu_devices(study: Study) -> int:
   """The CPU devices the largest stage's members want (`members.cpu_devices`)."""
   return max([experiment.cpu_devices(cell_config(study, cell, stage, {}))
               for cell in cells(study) if cell.method.kind == 'trained'
-              for stage in stages(study)], default=1)
+              for stage in stages(study, cell.method)], default=1)
 
 
 def cell_config(study: Study, cell: Cell, stage: str, chosen: dict) -> ml_collections.ConfigDict:
@@ -148,7 +166,7 @@ def cell_config(study: Study, cell: Cell, stage: str, chosen: dict) -> ml_collec
     for name, values in study.grid_of(cell.method).items():
       config.sweep[name] = values
     config.num_seeds = study.tune_seeds or study.seeds
-    config.seed = study.base.seed + (TUNE_SEED_OFFSET if study.tune_seeds else 0)
+    config.seed = _tune_seed(study)
   else:
     for name, value in chosen.items():
       config[name] = value
@@ -157,20 +175,34 @@ def cell_config(study: Study, cell: Cell, stage: str, chosen: dict) -> ml_collec
   return config
 
 
+def fingerprint(study: Study, cell: Cell) -> str:
+  """What a cell's runs depend on: its configs and the seeds; a record must match it."""
+  configs = [cell_config(study, cell, stage, {}).to_dict()
+             for stage in stages(study, cell.method)]
+  text = json.dumps([configs, study.seeds, study.tune_seeds, cell.method.kind],
+                    sort_keys=True, default=str)
+  return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 def read(study: Study, cell: Cell) -> dict | None:
-  """A finished cell's record, or None."""
+  """A finished cell's record, or None; a record of another config is refused."""
   path = os.path.join(cell.folder(study), 'cell.json')
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    record = json.load(f)
+  if record.get('fingerprint', fingerprint(study, cell)) != fingerprint(study, cell):
+    raise UserError(f'{cell.folder(study)} holds a cell of another study config (its base '
+                    'experiment, grid or seeds differ); use another --workdir or delete it')
+  return record
 
 
 def _write(study: Study, cell: Cell, record: dict) -> None:
   path = os.path.join(cell.folder(study), 'cell.json')
-  with open(path + f'.{os.getpid()}', 'w') as f:
+  tmp = f'{path}.{socket.gethostname()}.{os.getpid()}'
+  with open(tmp, 'w') as f:
     json.dump(record, f, indent=1)
-  os.replace(path + f'.{os.getpid()}', path)
+  os.replace(tmp, path)
 
 
 def run(study: Study, cell: Cell) -> dict:
@@ -181,17 +213,21 @@ def run(study: Study, cell: Cell) -> dict:
   folder = cell.folder(study)
   checkpoint.prepare_workdir(folder)
   with workdir_lib.lock(folder):
+    record = read(study, cell)  # another process may have finished it meanwhile
+    if record is not None:
+      return record
     if cell.method.kind == 'baseline':
       record = _run_baseline(study, cell)
     else:
       record = _run_trained(study, cell)
     record['finished'] = f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}'
     record['machine'] = results_lib.machine()
+    record['fingerprint'] = fingerprint(study, cell)
     _write(study, cell, record)
   return record
 
 
-def _setting_label(values: dict) -> str:
+def setting_label(values: dict) -> str:
   return ' '.join(f'{k}={v:g}' for k, v in sorted(values.items()))
 
 
@@ -203,55 +239,61 @@ def _stage(study: Study, cell: Cell, stage: str, chosen: dict) -> tuple[dict, fl
     results = train.train_and_evaluate(config, os.path.join(cell.folder(study), stage))
   except UserError as e:
     raise UserError(f'{cell.name}, {stage}: {e}') from None
-  return results, time.perf_counter() - start
+  # A resumed stage's process saw only its last part; the run's own training time
+  # adds up across resumes.
+  return results, max(time.perf_counter() - start, results['wall_seconds'])
 
 
-def _rows(results: dict, stage: str, seed: int, chosen_setting: int | None) -> list[dict]:
-  return [{'stage': stage, 'seed': seed + m['seed'], 'setting': _setting_label(m['hyperparams']),
-           'chosen': m['setting'] == chosen_setting, 'diverged': m['diverged'],
-           'val_accuracy': m['val_accuracy'], 'test_accuracy': m['test_accuracy']}
+def _rows(results: dict, stage: str, seed: int) -> list[dict]:
+  """A row per member; test accuracy only for the setting validation chose."""
+  swept = set(results['sweep'])
+  chosen = results['chosen_setting']['setting']
+  return [{'stage': stage, 'seed': seed + m['seed'],
+           'setting': setting_label({k: v for k, v in m['hyperparams'].items() if k in swept}),
+           'chosen': m['setting'] == chosen, 'diverged': m['diverged'],
+           'val_accuracy': m['val_accuracy'],
+           'test_accuracy': m['test_accuracy'] if m['setting'] == chosen else None}
           for m in results['members']]
 
 
 def _run_trained(study: Study, cell: Cell) -> dict:
-  tune, tune_seconds = _stage(study, cell, 'tune', {})
-  chosen = tune['chosen_setting']['values']
-  tune_seed = study.base.seed + (TUNE_SEED_OFFSET if study.tune_seeds else 0)
-  rows = _rows(tune, 'tune', tune_seed, tune['chosen_setting']['setting'])
-  seconds = {'tune': tune_seconds}
-  if study.tune_seeds:
-    final, seconds['final'] = _stage(study, cell, 'final', chosen)
-    rows += _rows(final, 'final', study.base.seed, 0)
-  else:
-    final = tune
-  with open(os.path.join(cell.folder(study), stages(study)[-1], 'config.json')) as f:
+  runs, seconds, rows, chosen = {}, {}, [], {}
+  for stage in stages(study, cell.method):
+    runs[stage], seconds[stage] = _stage(study, cell, stage, chosen)
+    rows += _rows(runs[stage], stage, _tune_seed(study) if stage == 'tune' else study.base.seed)
+    chosen = chosen or runs[stage]['chosen_setting']['values']
+  final = runs[stage]
+  with open(os.path.join(cell.folder(study), stage, 'config.json')) as f:
     augment = json.load(f)['augment']  # 'auto' resolved
   live = [m for m in final['members'] if m['setting'] == final['chosen_setting']['setting']
           and not m['diverged']]
   return {
       'method': cell.method.name, 'size': cell.size, 'kind': cell.method.kind,
-      'num_classes': final['train_size'] // cell.size, 'grid': study.grid_of(cell.method), 'tune_seeds': study.tune_seeds,
-      'chosen': chosen, 'seconds': seconds, 'steps': final['steps'], 'augment': augment,
-      'retrained': bool(study.tune_seeds),
+      'num_classes': final['train_size'] // cell.size,
+      'grid': study.grid_of(cell.method), 'chosen': chosen, 'seconds': seconds,
+      'steps': final['steps'], 'augment': augment,
       'seeds': [study.base.seed + m['seed'] for m in live],
       'val_accuracy': [m['val_accuracy'] for m in live],
       'test_accuracy': [m['test_accuracy'] for m in live],
       'ensemble_accuracy': final['test_ensemble_accuracy'],
-      'diverged': len(final['diverged_members']) + len(tune['diverged_members']),
+      'diverged': sum(len(r['diverged_members']) for r in runs.values()),
       'rows': rows,
   }
 
 
-def _once_per_array(features):
-  """`features`, computed once per array: every seed's fit sees the same test images."""
+def _once_for(features, arrays):
+  """`features`, computed once for each of `arrays` (the validation and test images,
+  which every seed's fit sees) and afresh for anything else."""
   if features is None:
     return None
   done = {}
 
   def cached(images):
+    if not any(images is a for a in arrays):
+      return features(images)
     if id(images) not in done:
-      done[id(images)] = (images, features(images))  # the array kept alive with its id
-    return done[id(images)][1]
+      done[id(images)] = features(images)
+    return done[id(images)]
 
   return cached
 
@@ -262,7 +304,7 @@ def _run_baseline(study: Study, cell: Cell) -> dict:
   start = time.perf_counter()
   config = cell_config(study, cell, 'final', {})
   run = train.set_up(config)
-  features = _once_per_array(train.feature_fn(run))
+  features = _once_for(train.feature_fn(run), [run.dataset.val.images, run.dataset.test.images])
   val, test = [], []
   seeds = [study.base.seed + s for s in range(study.seeds)]
   for seed in seeds:
@@ -275,6 +317,6 @@ def _run_baseline(study: Study, cell: Cell) -> dict:
            'val_accuracy': v, 'test_accuracy': t} for s, v, t in zip(seeds, val, test)]
   return {'method': cell.method.name, 'size': cell.size, 'kind': 'baseline',
           'num_classes': run.dataset.num_classes, 'grid': {},
-          'tune_seeds': 0, 'chosen': {}, 'seconds': {'final': time.perf_counter() - start},
-          'steps': 0, 'retrained': False, 'seeds': seeds, 'val_accuracy': val,
+          'chosen': {}, 'seconds': {'final': time.perf_counter() - start},
+          'steps': 0, 'seeds': seeds, 'val_accuracy': val,
           'test_accuracy': test, 'ensemble_accuracy': None, 'diverged': 0, 'rows': rows}

@@ -113,6 +113,21 @@ def _flag_error(e: Exception) -> str:
   raise e
 
 
+def config_keys(defaults, title: str) -> str:
+  """--help's list of every `--config.KEY` with its default, under `title`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  def keys(c, prefix=''):
+    for k, v in c.items():
+      if isinstance(v, ml_collections.ConfigDict):
+        yield from keys(v, f'{prefix}{k}.')
+      else:
+        yield f'  --config.{prefix}{k}={v!r}'
+
+  return '\n'.join([title, 'the --config file changes some, and --config.KEY=VALUE any:',
+                    *keys(defaults)])
+
+
 def compilation_cache_dir() -> str:
   """Where compiled programs are kept: $JAX_COMPILATION_CACHE_DIR if set ('' turns it off)."""
   if 'JAX_COMPILATION_CACHE_DIR' in os.environ:

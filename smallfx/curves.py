@@ -30,24 +30,23 @@ def interval(values) -> tuple[float, float, float]:
   if len(x) == 0:
     return math.nan, math.nan, math.nan
   if len(x) == 1:
-    return float(x[0]), 0.0, math.nan
+    return float(x[0]), math.nan, math.nan
   std = float(np.std(x, ddof=1))
   return float(np.mean(x)), std, float(stats.t.ppf(0.975, len(x) - 1) * std / np.sqrt(len(x)))
 
 
-def paired_p(a, b) -> float:
-  """Two-sided p-value of the paired t-test between seeds of two methods (nan if < 2 pairs).
+def paired_p(a: dict, b: dict) -> float:
+  """Two-sided p-value of the paired t-test between two methods' seeds ({seed: accuracy}).
 
-  Seed k of every method trains on the same sub-sample, so the seeds pair.
+  Seed k of every method trains on the same sub-sample, so the seeds pair. nan where it
+  cannot be computed: fewer than 2 shared seeds, or differences that do not vary (their
+  spread is 0, which says nothing about the noise with so few seeds).
   """
-  a, b = np.asarray(a, float), np.asarray(b, float)
-  n = min(len(a), len(b))
-  if n < 2:
-    return math.nan
-  d = a[:n] - b[:n]
-  if np.allclose(d, d[0]):
-    return 0.0 if abs(d[0]) > 1e-12 else 1.0
-  return float(stats.ttest_rel(a[:n], b[:n]).pvalue)
+  seeds = sorted(set(a) & set(b))
+  d = np.array([a[s] - b[s] for s in seeds], float)
+  if len(d) < 2 or np.allclose(d, d[0]):
+    return 1.0 if len(d) >= 2 and np.allclose(d, 0) else math.nan
+  return float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
 
 
 @dataclasses.dataclass(frozen=True)

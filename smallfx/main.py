@@ -9,7 +9,6 @@ run prints its results again without training.
 import os
 
 from absl import flags
-import ml_collections
 from ml_collections import config_flags
 
 from smallfx import cli
@@ -84,17 +83,8 @@ def main(argv):
 def _config_help() -> str:
   """--help's list of config keys, with the defaults that every config file starts from."""
   from smallfx import config as base  # pylint: disable=g-import-not-at-top
-
-  def keys(c, prefix=''):
-    for k, v in c.items():
-      if isinstance(v, ml_collections.ConfigDict):
-        yield from keys(v, f'{prefix}{k}.')
-      else:
-        yield f'  --config.{prefix}{k}={v!r}'
-
-  return '\n'.join([
-      f'\nConfig keys, as the defaults of {base.__file__} (whose comments explain them);',
-      'the --config file changes some, and --config.KEY=VALUE any:', *keys(base.default())])
+  return cli.config_keys(base.default(), f'\nConfig keys, as the defaults of {base.__file__} '
+                         '(whose comments explain them);')
 
 
 if __name__ == '__main__':

@@ -61,7 +61,11 @@ def _ensemble_row(study, records, size) -> dict | None:
                 if m.from_scratch and (m.name, size) in records]
   if not candidates:
     return None
-  best = max(candidates, key=lambda r: curves.interval(r['val_accuracy'])[0])
+  def val(record):
+    mean = curves.interval(record['val_accuracy'])[0]
+    return mean if np.isfinite(mean) else -math.inf
+
+  best = max(candidates, key=val)
   return {'method': 'ensemble', 'size': size, 'kind': 'ensemble', 'seeds': len(best['seeds']),
           'test_accuracy': best['ensemble_accuracy'], 'std': math.nan, 'ci95': math.nan,
           'ensemble_accuracy': best['ensemble_accuracy'],
@@ -153,7 +157,7 @@ def plot(path_stem: str, study, summary, title: str) -> None:
   plt.close(fig)
 
 
-def _ranking(study, summary, size) -> list[str]:
+def _ranking(summary, size) -> list[str]:
   rows = sorted([r for r in summary if r['size'] == size], key=lambda r: -r['test_accuracy'])
   if not rows:
     return []
@@ -172,9 +176,9 @@ def _ranking(study, summary, size) -> list[str]:
       if r is best:
         verdict = 'best'
       else:
-        seeds = sorted(set(r['per_seed']) & set(best['per_seed']))
-        p = curves.paired_p([best['per_seed'][s] for s in seeds], [r['per_seed'][s] for s in seeds])
-        verdict = ('too few seeds to test' if not np.isfinite(p) else
+        p = curves.paired_p(best['per_seed'], r['per_seed'])
+        verdict = ('untested (under 2 shared seeds, or a gap that does not vary)'
+                   if not np.isfinite(p) else
                    f'below (p={p:.3f})' if p < ALPHA else f'no difference (p={p:.2f})')
     lift = ('-' if r['method'] == REFERENCE or not np.isfinite(r['lift'])
             else f"{100 * r['lift']:+.1f} points")
@@ -254,7 +258,8 @@ def write_report(path, study, summary, records, meta: dict) -> None:
               'setting (no retraining: the choice flatters them a little).'),
           '- Test accuracy is reported only for the chosen setting. Seed k of every method '
           'trains on the same sub-sample, so methods are compared seed by seed: the paired '
-          f't-test over seeds against the best method, at p < {ALPHA}.',
+          f't-test over seeds against the best method, at p < {ALPHA}, each comparison on '
+          'its own (no correction for the many made; with 3 seeds only large gaps pass).',
           '- Baselines (dashed) fit scikit-learn on the same sub-samples.']
   pipelines = sorted({(r['method'], r['augment']) for r in trained if r.get('augment')})
   if pipelines:
@@ -263,7 +268,7 @@ def write_report(path, study, summary, records, meta: dict) -> None:
     out.append(f'- {study.notes}')
   out.append('')
   for size in study.sizes:
-    lines = _ranking(study, summary, size)
+    lines = _ranking(summary, size)
     if lines:
       out += [f'## {size} per class', ''] + lines + ['']
   out += ['## How much more data', '',
@@ -272,36 +277,34 @@ def write_report(path, study, summary, records, meta: dict) -> None:
           'that size within the larger of 0.01 and the measured 95% interval.', '']
   out += _more_data(study, summary) + ['']
   if trained:
-    out += ['## Chosen settings', '', '| method | ' + ' | '.join(
+    out += ['## Chosen settings, and steps trained', '', '| method | ' + ' | '.join(
         f'n={n}' for n in study.sizes) + ' |', '|---' * (len(study.sizes) + 1) + '|']
     for method in study.methods:
       if method.kind != 'trained':
         continue
-      cells = [records.get((method.name, n)) for n in study.sizes]
+      row = [records.get((method.name, n)) for n in study.sizes]
       out.append(f'| {method.name} | ' + ' | '.join(
-          ' '.join(f'{k}={v:g}' for k, v in sorted(c['chosen'].items())) if c else '-'
-          for c in cells) + ' |')
+          (' '.join(f'{k}={v:g}' for k, v in sorted(r['chosen'].items())) or 'no grid')
+          + f" ({r['steps']} steps)" if r else '-' for r in row) + ' |')
     out.append('')
-  steps = sorted({(r['size'], r['steps']) for r in trained})
-  if steps:
-    out += ['Steps per size (trained methods\' final runs): ' + ', '.join(
-        f'n={n}: {s}' for n, s in steps) + '.', '']
   out += ['## Time', '', '| part | minutes |', '|---|---|']
   out += [f'| {k} | {v / 60:.1f} |' for k, v in sorted(parts.items(), key=lambda kv: -kv[1])]
-  diverged = sum(r['diverged'] for r in done)
+  diverged = [f"{r['method']} n={r['size']}" for r in done if r['diverged']]
   if diverged:
-    out += ['', f'{diverged} member(s) diverged (see results.csv); they were never chosen.']
+    out += ['', f'Members diverged in {", ".join(diverged)} (results.csv says which); a '
+            'diverged member is left out of every figure, and a setting with one is chosen '
+            'only when every setting has one.']
   _replace(path, '\n'.join(out) + '\n')
 
 
 def _grid_text(study) -> str:
   def text(grid):
-    return ' x '.join(f'{k} in {{{v}}}' for k, v in grid.items()) or 'no grid'
+    return ' x '.join(f'{k} in {{{v}}}' for k, v in grid.items()) or 'no grid (its defaults)'
   own = [m for m in study.methods if m.kind == 'trained' and m.grid is not None]
   out = f'the same grid, {text(study.grid)}'
   if own:
-    out += ' (except ' + '; '.join(f'{m.name}: {text(m.grid)}, as its steps are slow'
-                                  for m in own) + ')'
+    out += ' (except ' + '; '.join(f'{m.name}: {text(m.grid)}' for m in own) + ', whose '
+    out += 'steps are slow)'
   return out
 
 

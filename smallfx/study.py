@@ -13,6 +13,7 @@ cells that exist. `--config.methods=help` lists the methods.
 """
 
 import hashlib
+import json
 import os
 import shlex
 import sys
@@ -64,7 +65,7 @@ def _weight(study, cell, num_classes: int) -> float:
     return 1.5 * study.seeds * cell.size * num_classes
   from smallfx import cells as cells_lib  # pylint: disable=g-import-not-at-top
   total = 0.0
-  for stage in cells_lib.stages(study):
+  for stage in cells_lib.stages(study, cell.method):
     c = cells_lib.cell_config(study, cell, stage, {})
     steps = c.num_steps or c.num_epochs * cell.size * num_classes / c.batch_size
     if c.max_steps:
@@ -88,35 +89,47 @@ def main(argv):
     return
   from smallfx import cells as cells_lib  # pylint: disable=g-import-not-at-top
   from smallfx import report  # pylint: disable=g-import-not-at-top
-  from smallfx import results  # pylint: disable=g-import-not-at-top
   name = os.path.splitext(os.path.basename(path))[0]
-  digest = hashlib.sha1(config.to_json(sort_keys=True).encode()).hexdigest()[:8]
+  # What the cells depend on: another method or size adds cells to the same folder.
+  digest = hashlib.sha1(json.dumps([config.base.to_dict(), config.grid.to_dict(), config.seeds,
+                                    config.tune_seeds], sort_keys=True, default=str).encode()
+                        ).hexdigest()[:8]
   workdir = _WORKDIR.value or os.path.join('runs', f'study-{name}-{digest}')
   index, count = _shard(_SHARD.value)
   study = cells_lib.resolve(config, workdir)
-  meta = {'name': name, 'machine': results.machine() if _REPORT_ONLY.value else None,
+  meta = {'name': name,
           'command': 'python -m smallfx.study ' + ' '.join(
               shlex.quote(a) for a in sys.argv[1:] if not a.startswith(('--shard',
                                                                         '--report_only')))}
+  failed = []
   if not _REPORT_ONLY.value:
+    cells_lib.check_available(study)
     _cpu_devices(study, cells_lib)
     num_classes = cells_lib.check_sizes(study)
-    todo = cells_lib.shard(cells_lib.cells(study), index, count)
+    todo = [c for c in cells_lib.shard(cells_lib.cells(study), index, count)
+            if cells_lib.read(study, c) is None]  # finished cells take no time
     weights = [_weight(study, c, num_classes) for c in todo]
     bar = tqdm.tqdm(total=sum(weights), file=sys.stderr, dynamic_ncols=True,
                     bar_format='{l_bar}{bar}| [{elapsed}<{remaining}] {postfix}', desc=name)
     for i, (cell, weight) in enumerate(zip(todo, weights)):
       bar.set_postfix_str(f'cell {i + 1}/{len(todo)}: {cell.name}')
-      record = cells_lib.run(study, cell)
+      try:
+        cells_lib.run(study, cell)
+      except cli.UserError as e:  # every member diverged, a cell in use, ...: go on
+        failed.append(str(e))
+        tqdm.tqdm.write(f'error: {e}', file=sys.stderr)
       bar.update(weight)
-      meta['machine'] = record['machine']
       _write_outputs(study, cells_lib, report, meta)
     bar.close()
   written = _write_outputs(study, cells_lib, report, meta)
+  if written:
+    print(f'{workdir}: ' + ', '.join(os.path.basename(p) for p in written))
+  if failed:
+    raise cli.UserError(f'{len(failed)} cell(s) did not finish (their lines are above); '
+                        'the report has the others. Fix the cause and re-run the same command')
   if not written:
     raise cli.UserError(f'no finished cells in {workdir} yet: run the study without '
                         '--report_only first')
-  print(f'{workdir}: ' + ', '.join(os.path.basename(p) for p in written))
 
 
 def _write_outputs(study, cells_lib, report, meta) -> list[str]:
@@ -125,11 +138,19 @@ def _write_outputs(study, cells_lib, report, meta) -> list[str]:
   if not records:
     return []
   meta['num_classes'] = next(iter(records.values()))['num_classes']
-  if meta['machine'] is None:
-    meta['machine'] = next(iter(records.values())).get('machine', '')
+  meta['machine'] = '; '.join(sorted({r.get('machine', '?') for r in records.values()}))
   return report.write(study, records, meta)
+
+
+def _help() -> str:
+  from smallfx import config as base  # pylint: disable=g-import-not-at-top
+  from smallfx import methods  # pylint: disable=g-import-not-at-top
+  return '\n'.join([
+      cli.config_keys(base.study(), '\nStudy config keys, as the defaults of smallfx.config.study() '
+                      '(whose comments explain them; base.* are smallfx.main\'s);'),
+      '\nMethods (--config.methods=NAME,NAME,...):', methods.help_text()])
 
 
 if __name__ == '__main__':
   malloc.relaunch()
-  cli.run(main)
+  cli.run(main, help_text=_help)

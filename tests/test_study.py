@@ -61,6 +61,7 @@ def test_methods_help_lists_every_method_in_one_line_each(cli):
     ('--config.grid.learning_rate=-1', ['learning_rate must be > 0']),
     ('--config.base.model=no_such', ["unknown model 'no_such'"]),
     ('--config.seeds=0', ['seeds must be >= 1']),
+    ('--config.methods=ensemble', ['name one too']),
 ])
 def test_bad_study_input_is_one_line(cli, tmp_path, override, texts):
   result = cli('smallfx.study', f'--config={STUDY}', f'--workdir={tmp_path}', override)
@@ -136,9 +137,14 @@ def test_interval_and_paired_test():
   mean, std, half = curves.interval([0.8, 0.82, 0.84])
   assert (mean, std) == pytest.approx((0.82, 0.02))
   assert half == pytest.approx(4.303 * 0.02 / math.sqrt(3), rel=1e-3)
-  assert curves.paired_p([0.9, 0.91, 0.92], [0.8, 0.81, 0.82]) == 0.0  # a constant gap
-  assert curves.paired_p([0.9, 0.8, 0.85], [0.8, 0.9, 0.85]) > 0.5
-  assert math.isnan(curves.paired_p([0.9], [0.8]))
+  paired = lambda a, b: curves.paired_p(dict(enumerate(a)), dict(enumerate(b)))
+  assert math.isnan(paired([0.9, 0.91, 0.92], [0.8, 0.81, 0.82]))  # a gap with no spread
+  assert paired([0.9, 0.8, 0.85], [0.9, 0.8, 0.85]) == 1.0
+  assert paired([0.9, 0.8, 0.85], [0.8, 0.9, 0.85]) > 0.5
+  assert paired([0.90, 0.91, 0.93, 0.92], [0.80, 0.82, 0.81, 0.80]) < 0.01
+  assert math.isnan(paired([0.9], [0.8]))
+  # Seeds pair by name, not by position.
+  assert curves.paired_p({0: 0.9, 1: 0.8, 2: 0.7}, {2: 0.7, 0: 0.9, 1: 0.8}) == 1.0
 
 
 def _record(method, size, val, test, ensemble=None, kind='trained'):
@@ -211,6 +217,11 @@ def test_study_end_to_end_resumes_and_reports_only(cli, tmp_path):
   assert again.returncode == 0, again.stderr[-2000:]
   assert stamps == {p: os.path.getmtime(p) for p in _cell_files(workdir)}
   assert 'test accuracy' not in again.stdout  # no run was started
+
+  # The same folder with other seeds would mix two studies: refused.
+  other = cli('smallfx.study', f'--config={STUDY}', f'--workdir={workdir}', *TINY,
+              '--config.seeds=3')
+  _one_error_line(other, 'holds a cell of another study config')
 
   # --report_only rebuilds the outputs from the cells.
   os.remove(os.path.join(workdir, 'report.md'))
@@ -296,3 +307,11 @@ def test_gpu_study_configs_on_tfds_mock_data(tmp_path, name, num_classes, shape)
     d = data.load(data.Spec.from_config(config.base))
   assert d.num_classes == num_classes
   assert d.train.images.shape == (2 * num_classes, *shape)
+
+
+def test_help_exits_0_and_lists_keys_and_methods(cli):
+  result = cli('smallfx.study', '--help')
+  assert result.returncode == 0, result.stderr
+  for text in ('--config.sizes=', '--config.grid.learning_rate=', '--config.base.model=',
+               'cosine+aug', '--shard', '--report_only'):
+    assert text in result.stdout, text

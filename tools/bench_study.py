@@ -52,7 +52,7 @@ def separate_configs(study, cell, chosen):
   from smallfx import cells  # pylint: disable=g-import-not-at-top
   from smallfx import experiment  # pylint: disable=g-import-not-at-top
   out = []
-  for stage in cells.stages(study):
+  for stage in cells.stages(study, cell.method):
     config = cells.cell_config(study, cell, stage, chosen if stage == 'final' else {})
     grid = experiment.grid(config)
     for m in range(grid.num_members):
