@@ -245,14 +245,14 @@ def _stage(study: Study, cell: Cell, stage: str, chosen: dict) -> tuple[dict, fl
 
 
 def _rows(results: dict, stage: str, seed: int) -> list[dict]:
-  """A row per member; test accuracy only for the setting validation chose."""
+  """A row per member, as the stage's results.json has it (results.csv shows test
+  accuracy only for the chosen setting)."""
   swept = set(results['sweep'])
   chosen = results['chosen_setting']['setting']
   return [{'stage': stage, 'seed': seed + m['seed'],
            'setting': setting_label({k: v for k, v in m['hyperparams'].items() if k in swept}),
            'chosen': m['setting'] == chosen, 'diverged': m['diverged'],
-           'val_accuracy': m['val_accuracy'],
-           'test_accuracy': m['test_accuracy'] if m['setting'] == chosen else None}
+           'val_accuracy': m['val_accuracy'], 'test_accuracy': m['test_accuracy']}
           for m in results['members']]
 
 

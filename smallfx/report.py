@@ -101,11 +101,15 @@ def _replace(path: str, text: str) -> None:
 
 
 def write_results(path, records) -> None:
+  """A row per member of every run; test accuracy only where validation chose the setting."""
   rows = []
   for rec in records.values():
+    swept = set(rec.get('grid', {}))
     for r in rec['rows']:
-      rows.append({'method': rec['method'], 'size': rec['size'], **r, 'steps': rec['steps'],
-                   'wall_seconds': rec['seconds'].get(r['stage'])})
+      setting = ' '.join(v for v in r['setting'].split() if v.split('=')[0] in swept)
+      rows.append({'method': rec['method'], 'size': rec['size'], **r, 'setting': setting,
+                   'test_accuracy': r['test_accuracy'] if r['chosen'] else None,
+                   'steps': rec['steps'], 'wall_seconds': rec['seconds'].get(r['stage'])})
   _csv(path, RESULT_COLUMNS, rows)
 
 
@@ -277,15 +281,18 @@ def write_report(path, study, summary, records, meta: dict) -> None:
           'that size within the larger of 0.01 and the measured 95% interval.', '']
   out += _more_data(study, summary) + ['']
   if trained:
-    out += ['## Chosen settings, and steps trained', '', '| method | ' + ' | '.join(
-        f'n={n}' for n in study.sizes) + ' |', '|---' * (len(study.sizes) + 1) + '|']
+    out += ['## Chosen settings, and steps trained', '',
+            'In brackets: the steps, and how many of the settings tried lie within one '
+            'validation image of the chosen one (those the validation split cannot tell '
+            'apart).', '', '| method | ' + ' | '.join(f'n={n}' for n in study.sizes) + ' |',
+            '|---' * (len(study.sizes) + 1) + '|']
     for method in study.methods:
       if method.kind != 'trained':
         continue
       row = [records.get((method.name, n)) for n in study.sizes]
       out.append(f'| {method.name} | ' + ' | '.join(
           (' '.join(f'{k}={v:g}' for k, v in sorted(r['chosen'].items())) or 'no grid')
-          + f" ({r['steps']} steps)" if r else '-' for r in row) + ' |')
+          + f" ({r['steps']} steps{_ties(r, val_labels)})" if r else '-' for r in row) + ' |')
     out.append('')
   out += ['## Time', '', '| part | minutes |', '|---|---|']
   out += [f'| {k} | {v / 60:.1f} |' for k, v in sorted(parts.items(), key=lambda kv: -kv[1])]
@@ -295,6 +302,19 @@ def write_report(path, study, summary, records, meta: dict) -> None:
             'diverged member is left out of every figure, and a setting with one is chosen '
             'only when every setting has one.']
   _replace(path, '\n'.join(out) + '\n')
+
+
+def _ties(record, val_labels) -> str:
+  """', k of n tied': settings whose mean validation accuracy is within one image of the best."""
+  by_setting = {}
+  for r in record['rows']:
+    if r['stage'] == 'tune' and r['val_accuracy'] is not None:
+      by_setting.setdefault(r['setting'], []).append(r['val_accuracy'])
+  if len(by_setting) < 2 or not val_labels:
+    return ''
+  means = [np.mean(v) for v in by_setting.values()]
+  tied = sum(m >= max(means) - 1 / val_labels - 1e-9 for m in means)
+  return f', {tied} of {len(means)} tied'
 
 
 def _grid_text(study) -> str:

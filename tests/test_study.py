@@ -203,6 +203,7 @@ def test_study_end_to_end_resumes_and_reports_only(cli, tmp_path):
   assert len(final) == 2 and {r['seed'] for r in final} == {'0', '1'}
   cosine = next(r for r in summary if r['method'] == 'cosine' and r['size'] == '10')
   chosen = next(r for r in tune if r['chosen'] == 'True')
+  assert all(r['test_accuracy'] == '' for r in tune if r['chosen'] == 'False')  # test reports
   assert chosen['setting'].startswith(cosine['chosen'].split()[0])
   assert np.mean([float(r['test_accuracy']) for r in final]) == pytest.approx(
       float(cosine['test_accuracy']), abs=1e-5)
