@@ -128,6 +128,22 @@ def config_keys(defaults, title: str) -> str:
                     *keys(defaults)])
 
 
+def use_cpu_devices(count: Callable[[], int]) -> None:
+  """Before JAX starts: `count()` CPU devices, one per group of members side by side.
+
+  An entry point owns its process, so it may set JAX's global config; the library
+  never does. Devices set by the user (XLA_FLAGS' --xla_force_host_platform_device_count,
+  JAX_NUM_CPU_DEVICES) are kept; other backends do not use these devices.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if (jax.config.jax_num_cpu_devices >= 0
+      or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')):
+    return
+  n = count()
+  if n > 1:
+    jax.config.update('jax_num_cpu_devices', n)
+
+
 def compilation_cache_dir() -> str:
   """Where compiled programs are kept: $JAX_COMPILATION_CACHE_DIR if set ('' turns it off)."""
   if 'JAX_COMPILATION_CACHE_DIR' in os.environ:

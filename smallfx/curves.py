@@ -15,13 +15,14 @@ import numpy as np
 from scipy import optimize
 from scipy import stats
 
-# Accuracy levels a forecast is given for: the next ones above the best measured.
-MILESTONES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 0.995, 0.999)
+# A forecast says how many samples per class reach the best measured accuracy plus
+# each of these gains (accuracy points / 100).
+MILESTONES = (0.005, 0.01, 0.02)
 # A held-out prediction counts as good within the larger of this and the measured
 # value's 95% interval.
 CHECK_TOLERANCE = 0.01
 # Forecasts beyond this many times the largest size are not extrapolation but guesswork.
-MAX_EXTRAPOLATION = 100
+MAX_EXTRAPOLATION = 10
 
 
 def interval(values) -> tuple[float, float, float]:
@@ -116,7 +117,8 @@ def forecast(sizes, accuracy, half_widths) -> Forecast:
         f'the curve has not bent: no floor is in sight, the error still falls as n^-{law.b:.2f}, '
         'so no milestone can be placed on it'), [])
   best = max(accuracy)
-  needed = [(m, law.samples_for(m)) for m in MILESTONES if m > best][:3]
+  needed = [(best + gain, law.samples_for(best + gain)) for gain in MILESTONES
+            if best + gain < 1]
   return Forecast(law, check, True, '', needed)
 
 

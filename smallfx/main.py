@@ -40,23 +40,6 @@ def _initialize_distributed():
                         'JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID') from None
 
 
-def _cpu_devices_for_members(config):
-  """Before JAX starts: one CPU device per group of members that run side by side.
-
-  An entry point owns its process, so it may set JAX's global config; the library
-  never does. Devices set by the user (XLA_FLAGS' --xla_force_host_platform_device_count,
-  JAX_NUM_CPU_DEVICES) are kept; other backends do not use these devices.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from smallfx import experiment  # pylint: disable=g-import-not-at-top
-  if (jax.config.jax_num_cpu_devices >= 0
-      or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')):
-    return
-  n = experiment.cpu_devices(config)
-  if n > 1:
-    jax.config.update('jax_num_cpu_devices', n)
-
-
 def main(argv):
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -76,7 +59,7 @@ def main(argv):
   if config.distributed:
     _initialize_distributed()
   else:
-    _cpu_devices_for_members(config)
+    cli.use_cpu_devices(lambda: experiment.cpu_devices(config))
   train.train_and_evaluate(config, _WORKDIR.value or experiment.default_workdir(config, name))
 
 

@@ -209,13 +209,16 @@ def _more_data(study, summary) -> list[str]:
         needs.append(f'{acc:.3f} and above are beyond its floor ({1 - law.c:.3f})')
         break
       elif samples > curves.MAX_EXTRAPOLATION * sizes[-1]:
-        needs.append(f'{acc:.3f} needs more than {curves.MAX_EXTRAPOLATION}x the largest size')
+        needs.append(f'{acc:.3f} lies beyond {curves.MAX_EXTRAPOLATION}x the largest size, '
+                     'further than the fit can say')
       else:
         needs.append(f'{acc:.3f} at about {samples:,.0f} per class')
+    best = max(r['test_accuracy'] for r in rows)
     lines.append(
         f'- **{method.name}**: err(n) = {law.a:.3g} n^-{law.b:.2f} + {law.c:.3f} (floor: '
         f'accuracy {1 - law.c:.3f}). Check: fitted without n={n}, it predicts {pred:.3f} '
-        f'there; measured {meas:.3f} (within {tol:.3f}). Forecast: ' + '; '.join(needs) + '.')
+        f'there; measured {meas:.3f} (within {tol:.3f}). Forecast from the best measured '
+        f'{best:.3f}: ' + '; '.join(needs) + '.')
   return lines
 
 
@@ -232,7 +235,7 @@ def write_report(path, study, summary, records, meta: dict) -> None:
     for stage, s in r['seconds'].items():
       key = f"{r['method']} ({stage})" if r['kind'] == 'trained' else r['method']
       parts[key] = parts.get(key, 0.0) + s
-  out = [f'# Study: {meta.get("name", "")} on {base.dataset}', '',
+  out = [f'# Study `{meta.get("name", "")}`: {base.dataset}', '',
          f'    {meta.get("command", "")}', '',
          f'Machine: {meta.get("machine", "")}. Cells finished between '
          f'{min(stamp) if stamp else "-"} and {max(stamp) if stamp else "-"} (UTC); '

@@ -44,17 +44,6 @@ def _shard(text: str) -> tuple[int, int]:
   return index, count
 
 
-def _cpu_devices(study, cells_lib) -> None:
-  """Before JAX starts: the CPU devices the study's largest stage wants (as main.py does)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if (jax.config.jax_num_cpu_devices >= 0
-      or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')):
-    return
-  n = cells_lib.cpu_devices(study)
-  if n > 1:
-    jax.config.update('jax_num_cpu_devices', n)
-
-
 def _weight(study, cell, num_classes: int) -> float:
   """A cell's rough cost, for the time-left estimate: member-steps of its runs.
 
@@ -104,7 +93,7 @@ def main(argv):
   failed = []
   if not _REPORT_ONLY.value:
     cells_lib.check_available(study)
-    _cpu_devices(study, cells_lib)
+    cli.use_cpu_devices(lambda: cells_lib.cpu_devices(study))  # the largest stage's
     num_classes = cells_lib.check_sizes(study)
     todo = [c for c in cells_lib.shard(cells_lib.cells(study), index, count)
             if cells_lib.read(study, c) is None]  # finished cells take no time
@@ -146,8 +135,9 @@ def _help() -> str:
   from smallfx import config as base  # pylint: disable=g-import-not-at-top
   from smallfx import methods  # pylint: disable=g-import-not-at-top
   return '\n'.join([
-      cli.config_keys(base.study(), '\nStudy config keys, as the defaults of smallfx.config.study() '
-                      '(whose comments explain them; base.* are smallfx.main\'s);'),
+      cli.config_keys(base.study(), '\nStudy config keys, as the defaults of '
+                      "smallfx.config.study() (whose comments explain them; base.* are "
+                      "smallfx.main's);"),
       '\nMethods (--config.methods=NAME,NAME,...):', methods.help_text()])
 
 

@@ -112,11 +112,12 @@ def test_power_law_fit_recovers_its_parameters_and_forecasts():
   np.testing.assert_allclose([fitted.a, fitted.b, fitted.c], [0.8, 0.6, 0.05], rtol=1e-3)
   f = curves.forecast(sizes, 1 - law.error(sizes), [0.002] * 5)
   assert f.trusted and f.check[0] == 250
-  assert f.needed
+  best = 1 - law.error(250)
+  assert [a for a, _ in f.needed] == pytest.approx([best + g for g in curves.MILESTONES])
   for accuracy, samples in f.needed:
-    assert accuracy > 1 - law.error(250)
     if accuracy < 0.94:  # near the floor the samples needed explode with any error
       assert samples == pytest.approx(law.samples_for(accuracy), rel=1e-2)
+      assert samples > 250
   assert law.samples_for(0.96) == math.inf  # beyond the floor of 0.95
 
 
