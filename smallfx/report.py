@@ -338,7 +338,7 @@ def write(study, records: dict, meta: dict) -> list[str]:
   write_results(os.path.join(d, 'results.csv'), records)
   write_summary(os.path.join(d, 'summary.csv'), summary)
   plot(os.path.join(d, 'learning_curve'), study, summary,
-       f"{meta.get('name', '')}: {study.base.dataset}, {study.seeds} seeds, 95% intervals")
+       f'{study.base.dataset}: test accuracy, mean of {study.seeds} seeds with 95% intervals')
   write_report(os.path.join(d, 'report.md'), study, summary, records, meta)
   return [os.path.join(d, f) for f in ('report.md', 'summary.csv', 'results.csv',
                                        'learning_curve.png', 'learning_curve.svg')]
