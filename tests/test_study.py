@@ -286,6 +286,7 @@ def test_report_only_without_cells_is_one_line(cli, tmp_path):
   _one_error_line(result, 'no finished cells')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, num_classes, shape', [
     ('cifar100', 100, (32, 32, 3)), ('caltech_birds2011', 200, (224, 224, 3))])
 def test_gpu_study_configs_on_tfds_mock_data(tmp_path, name, num_classes, shape):
