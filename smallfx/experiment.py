@@ -261,9 +261,11 @@ def check_same_config(config, workdir: str) -> bool:
   with open(path) as f:
     before = json.load(f)
   resolved = json.loads(config.to_json(sort_keys=True))
+  # A field added to smallfx since that run was written had its default then.
+  defaults = json.loads(config_lib.default().to_json(sort_keys=True))
   # 'auto' was written resolved; the same dataset resolves it the same way.
   changed = sorted(k for k in set(before) | set(resolved)
-                   if k not in _SPEED_ONLY and before.get(k) != resolved.get(k)
+                   if k not in _SPEED_ONLY and before.get(k, defaults.get(k)) != resolved.get(k)
                    and resolved.get(k) != 'auto')
   if changed:
     raise UserError(f'{workdir} holds a run with another config (differs in: '

@@ -132,3 +132,15 @@ def test_ctrl_c_during_checkpoints_is_one_line_and_keeps_them_whole(tmp_path):
   with checkpoint.manager(str(tmp_path)) as mngr:
     step, _ = checkpoint.restore_latest(mngr)
   assert step is not None and step >= 1
+
+
+def test_a_run_written_before_a_field_existed_resumes(tmp_path):
+  """A config.json without a field smallfx added since (at its default) is the same run."""
+  config = base.default()
+  old = json.loads(config.to_json(sort_keys=True))
+  del old['max_steps'], old['max_image_pixels']
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  assert experiment.check_same_config(config, str(tmp_path))
+  config.max_steps = 100  # but a value other than the default is another run
+  with pytest.raises(UserError, match='differs in: max_steps'):
+    experiment.check_same_config(config, str(tmp_path))
