@@ -191,7 +191,8 @@ def read(study: Study, cell: Cell) -> dict | None:
     return None
   with open(path) as f:
     record = json.load(f)
-  if record.get('fingerprint', fingerprint(study, cell)) != fingerprint(study, cell):
+  expected = fingerprint(study, cell)
+  if record.get('fingerprint', expected) != expected:
     raise UserError(f'{cell.folder(study)} holds a cell of another study config (its base '
                     'experiment, grid or seeds differ); use another --workdir or delete it')
   return record

@@ -101,6 +101,11 @@ class Experiment:
   def num_members(self) -> int:
     return self.grid.num_members
 
+  def total_steps(self, train_size: int) -> int:
+    """The run's length: `num_steps`, else `num_epochs` over `train_size`; at most `max_steps`."""
+    steps = self.num_steps or max(1, math.ceil(self.num_epochs * train_size / self.batch_size))
+    return min(steps, self.max_steps) if self.max_steps else steps
+
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
@@ -197,9 +202,7 @@ def build(exp: Experiment, num_classes: int, train_size: int, image_shape) -> Se
   if exp.batch_size > train_size:
     raise UserError(f'batch_size={exp.batch_size} is larger than the training split '
                     f'({train_size} images); lower --config.batch_size')
-  total_steps = exp.num_steps or max(1, math.ceil(exp.num_epochs * train_size / exp.batch_size))
-  if exp.max_steps:
-    total_steps = min(total_steps, exp.max_steps)
+  total_steps = exp.total_steps(train_size)
   tx, unit = optim.make(exp.optimizer, total_steps, exp.hyperparams)
   model = models.build(exp.model, exp.embedding_dim or num_classes,
                        num_classes if exp.loss.needs_classifier else 0, exp.width,

@@ -53,17 +53,12 @@ def _weight(study, cell, num_classes: int) -> float:
   if cell.method.kind != 'trained':
     return 1.5 * study.seeds * cell.size * num_classes
   from smallfx import cells as cells_lib  # pylint: disable=g-import-not-at-top
+  from smallfx import experiment  # pylint: disable=g-import-not-at-top
   total = 0.0
   for stage in cells_lib.stages(study, cell.method):
-    c = cells_lib.cell_config(study, cell, stage, {})
-    steps = c.num_steps or c.num_epochs * cell.size * num_classes / c.batch_size
-    if c.max_steps:
-      steps = min(steps, c.max_steps)
-    settings = 1
-    if stage == 'tune':
-      for values in study.grid_of(cell.method).values():
-        settings *= len(values.split(','))
-    total += steps * settings * c.num_seeds * (40 if c.pretrained else 1)
+    exp = experiment.resolve(cells_lib.cell_config(study, cell, stage, {}))
+    total += (exp.total_steps(cell.size * num_classes) * exp.num_members
+              * (40 if exp.pretrained else 1))
   return total
 
 
