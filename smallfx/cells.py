@@ -159,7 +159,11 @@ def cell_config(study: Study, cell: Cell, stage: str, chosen: dict) -> ml_collec
   """The `smallfx.main` config of a stage: the base, the method's recipe, size and seeds."""
   config = ml_collections.ConfigDict(study.base.to_dict())
   for key, value in cell.method.overrides.items():
-    config[key] = value
+    *parents, name = key.split('.')  # 'pretraining.learning_rate': a nested field
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
   config.samples_per_class = cell.size
   config.resample_per_seed = True
   if stage == 'tune':
@@ -177,8 +181,10 @@ def cell_config(study: Study, cell: Cell, stage: str, chosen: dict) -> ml_collec
 
 def fingerprint(study: Study, cell: Cell) -> str:
   """What a cell's runs depend on: its configs and the seeds; a record must match it."""
-  configs = [cell_config(study, cell, stage, {}).to_dict()
-             for stage in stages(study, cell.method)]
+  configs = [cell_config(study, cell, stage, {}).to_dict() for stage in stages(study, cell.method)]
+  configs = [c if c['pretrain'] else {k: v for k, v in c.items()
+                                      if k not in config_lib.PRETRAINING_FIELDS}
+             for c in configs]
   text = json.dumps([configs, study.seeds, study.tune_seeds, cell.method.kind],
                     sort_keys=True, default=str)
   return hashlib.sha1(text.encode()).hexdigest()[:12]

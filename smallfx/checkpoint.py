@@ -21,6 +21,7 @@ import weakref
 
 import jax
 import numpy as np
+from etils import epath
 import orbax.checkpoint as ocp
 
 from smallfx.errors import UserError
@@ -120,7 +121,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract=None) -> tuple[Any, Any
   newest = None
   for step, older in zip(steps, steps[1:] + [None]):
     try:
-      return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+      target = abstract if abstract is not None else _here(mngr, step)
+      return step, mngr.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # Orbax raises many types for a damaged file.
       _quiet_closed_loop()
       newest = newest or f'step {step}: {_one_line(e)}'
@@ -132,6 +134,19 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract=None) -> tuple[Any, Any
     raise UserError(f'no checkpoint in {mngr.directory} is readable ({newest}{older}); '
                     'move that folder aside to start afresh')
   return None, None
+
+
+def _here(mngr: ocp.CheckpointManager, step: int):
+  """The checkpoint's arrays as shapes on this process's first device.
+
+  Without a target Orbax restores each array onto the devices it was saved from: a
+  run trained over 2 CPU devices then fails to load in a process with one (predict).
+  """
+  meta = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(str(mngr.directory)) / str(step) / 'default')
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here)
+                      if hasattr(m, 'shape') else m, meta)
 
 
 def set_aside_newer(mngr: ocp.CheckpointManager, step: int) -> None:

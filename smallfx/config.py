@@ -7,6 +7,11 @@ SWEEPABLE = ('learning_rate', 'weight_decay', 'momentum', 'label_smoothing',
              'cosine_xent_weight')
 
 
+# The fields a run without `pretrain` never reads (a study cell's fingerprint leaves
+# them out there, so records written before they existed still match).
+PRETRAINING_FIELDS = ('pretrain', 'unlabelled', 'pretraining')
+
+
 def default() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Data. `samples_per_class` = 0 keeps the whole training pool.
@@ -33,6 +38,25 @@ def default() -> ml_collections.ConfigDict:
   c.finetune = 'full'          # 'full' or 'linear' (frozen backbone).
   c.backbone_lr_mult = 0.1     # 'full': the backbone learns this much slower.
   c.freeze_bn = True           # keep the pretrained BatchNorm statistics.
+
+  # Pretraining without labels (smallfx/pretrain.py): 'dae', 'stacked_ae' or 'simclr'
+  # train the backbone on `unlabelled` images first, then fine-tuning as above
+  # (`finetune`, `backbone_lr_mult`, `freeze_bn`) starts from it.
+  c.pretrain = ''
+  c.unlabelled = 'rest'  # the training pool beyond the labelled sub-sample(s), or 'folder:PATH'
+  c.pretraining = ml_collections.ConfigDict({
+      'steps': 1000,
+      'batch_size': 128,
+      'learning_rate': 0.0,    # AdamW, cosine decay after a warm-up; 0: the method's own
+      'weight_decay': 1e-4,
+      'warmup_steps': 50,
+      'mask': 0.5,             # autoencoders: the fraction of pixels zeroed in the input
+      'noise': 0.1,            # ... and Gaussian noise on the rest (normalised units)
+      'augment': 'auto',       # simclr's views (smallfx/augment.py); 'auto': by image size
+      'temperature': 0.5,      # simclr's NT-Xent
+      'projection_dim': 64,    # simclr's projection head
+      'checkpoint_every_steps': 500,
+  })
 
   # Optimisation. Durations: `num_steps` if > 0, else `num_epochs` over the training
   # split, at most `max_steps` (0: no cap).

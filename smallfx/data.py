@@ -43,6 +43,7 @@ class Spec:
   image_size: int | tuple[int, int] = 0
   channels: int = 0
   max_image_pixels: int = 0  # 0: Pillow's own limit
+  unlabelled: str = 'rest'   # for pretraining: 'rest' of the training pool, or 'folder:PATH'
 
   @classmethod
   def from_config(cls, config) -> 'Spec':
@@ -356,13 +357,54 @@ def load(spec: Spec) -> Dataset:
   return dataset
 
 
+def train_indices(dataset: Dataset, spec: Spec, k: int) -> np.ndarray:
+  """Which images of the training pool the k-th sub-sample labels."""
+  if not spec.samples_per_class:
+    return np.arange(len(dataset.pool.labels))
+  # Another seed stream than validation's, so changing samples_per_class never
+  # moves an image between validation and training.
+  seed = spec.data_seed + 1 + 7919 * k
+  idx, _ = stratified_split(dataset.pool.labels, spec.samples_per_class, seed,
+                            dataset.class_names)
+  return idx
+
+
 def resample_train(dataset: Dataset, spec: Spec, k: int) -> Split:
   """The k-th sub-sample of the training pool (k = 0: the run's training split)."""
-  pool = dataset.pool
-  if spec.samples_per_class:
-    # Another seed stream than validation's, so changing samples_per_class never
-    # moves an image between validation and training.
-    seed = spec.data_seed + 1 + 7919 * k
-    idx, _ = stratified_split(pool.labels, spec.samples_per_class, seed, dataset.class_names)
-    pool = Split(pool.images[idx], pool.labels[idx])
-  return _resize(pool, _size(spec.image_size))
+  idx = train_indices(dataset, spec, k)
+  return _resize(Split(dataset.pool.images[idx], dataset.pool.labels[idx]),
+                 _size(spec.image_size))
+
+
+def unlabelled(dataset: Dataset, spec: Spec, subsamples) -> np.ndarray:
+  """The images a run may pretrain on without labels, uint8 (N, H, W, C).
+
+  'rest': the training pool without every image that any of `subsamples` (the k of
+  `resample_train`) labels; validation was carved out of the pool before, and the
+  test split is never part of it. 'folder:PATH': every image file under PATH, in
+  the run's image size and channels.
+  """
+  height, width, channels = dataset.image_shape
+  if spec.unlabelled.startswith('folder:'):
+    root = spec.unlabelled.split(':', 1)[1]
+    if not os.path.isdir(root):
+      raise UserError(f'unlabelled folder {root} does not exist')
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+      raise UserError(f'unlabelled folder {root} holds no image files '
+                      f'({", ".join(IMAGE_EXTENSIONS)})')
+    return np.stack([read_image(f, channels, (height, width), spec.max_image_pixels)
+                     for f in files])
+  if spec.unlabelled != 'rest':
+    raise UserError(f"unlabelled={spec.unlabelled!r}: give 'rest' (the training pool's "
+                    "images beyond the labelled ones) or 'folder:PATH'")
+  labelled = np.unique(np.concatenate([train_indices(dataset, spec, k) for k in subsamples]))
+  rest = np.setdiff1d(np.arange(len(dataset.pool.labels)), labelled)
+  if not len(rest):
+    raise UserError('pretraining needs unlabelled images, but the labelled sub-sample '
+                    'takes the whole training pool (samples_per_class='
+                    f'{spec.samples_per_class}); lower --config.samples_per_class or set '
+                    '--config.unlabelled=folder:PATH')
+  return _resize(Split(dataset.pool.images[rest], dataset.pool.labels[rest]),
+                 (height, width)).images

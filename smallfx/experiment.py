@@ -28,6 +28,7 @@ from smallfx import losses
 from smallfx import members
 from smallfx import models
 from smallfx import optim
+from smallfx import pretext
 from smallfx.errors import UserError, unknown
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -85,6 +86,7 @@ class Experiment:
   max_steps: int                     # 0: no cap
   embedding_dim: int
   pretrained: str
+  pretraining: pretext.Pretraining | None  # `pretrain`: a backbone from unlabelled images first
   freeze_bn: bool
   resample_per_seed: bool
   baseline: str
@@ -172,10 +174,20 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
     raise UserError('a sweep is chosen on validation data: set --config.val_per_class > 0')
   if 'momentum' in sweep.values and config.optimizer != 'sgd':
     raise UserError(f"sweep.momentum: optimizer {config.optimizer!r} has no momentum to sweep")
+  pretraining = pretext.Pretraining.from_config(config)
+  if pretraining and config.pretrained:
+    raise UserError(f'pretrain={config.pretrain!r} trains the backbone from scratch on '
+                    f'unlabelled images; pretrained={config.pretrained!r} asks for given '
+                    'weights: set one of them')
+  if pretraining and pretraining.method == 'stacked_ae' and not pretext.has_stages(
+      models.BACKBONES[config.model]):
+    stacked = [n for n, f in models.BACKBONES.items() if pretext.has_stages(f)]
+    raise UserError(f"pretrain='stacked_ae' needs a backbone with stages; model "
+                    f"{config.model!r} has none (valid: {', '.join(stacked)})")
   optimizer = optim.Optimizer(
       name=config.optimizer, schedule=config.schedule, warmup_steps=int(config.warmup_steps),
       sgdr_cycles=int(config.sgdr_cycles), grad_clip_norm=float(config.grad_clip_norm),
-      finetune=config.finetune if config.pretrained else '',
+      finetune=config.finetune if config.pretrained or pretraining else '',
       backbone_lr_mult=float(config.backbone_lr_mult))
   if config.finetune not in optim.FINETUNE:
     raise unknown('finetune mode', config.finetune, optim.FINETUNE)
@@ -189,6 +201,7 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
       num_steps=int(config.num_steps), num_epochs=float(config.num_epochs),
       max_steps=int(config.max_steps),
       embedding_dim=int(config.embedding_dim), pretrained=config.pretrained,
+      pretraining=pretraining,
       freeze_bn=bool(config.freeze_bn), resample_per_seed=bool(config.resample_per_seed),
       baseline=config.baseline, member_devices=int(config.member_devices),
       steps_per_dispatch=int(config.steps_per_dispatch), cpu_tuning=bool(config.cpu_tuning),
@@ -207,10 +220,15 @@ def build(exp: Experiment, num_classes: int, train_size: int, image_shape) -> Se
   model = models.build(exp.model, exp.embedding_dim or num_classes,
                        num_classes if exp.loss.needs_classifier else 0, exp.width,
                        DTYPES[exp.dtype],
-                       freeze_backbone_bn=bool(exp.pretrained) and (
+                       freeze_backbone_bn=bool(exp.pretrained or exp.pretraining) and (
                            exp.freeze_bn or exp.optimizer.finetune == 'linear'))
-  spec = auto_augment(image_shape) if exp.augment == 'auto' else exp.augment
+  spec = augment_spec(exp, image_shape)
   return Setup(model, augment_lib.build(spec), spec, tx, unit, total_steps)
+
+
+def augment_spec(exp: Experiment, image_shape) -> str:
+  """The pipeline `exp` trains with: its own, or 'auto' resolved by the image size."""
+  return auto_augment(image_shape) if exp.augment == 'auto' else exp.augment
 
 
 def member_hyperparams(exp: Experiment) -> dict[str, jax.Array]:
@@ -222,14 +240,15 @@ def member_hyperparams(exp: Experiment) -> dict[str, jax.Array]:
 def load_pretrained(exp: Experiment) -> tuple[Any, dict | None]:
   """Variables and model spec of `exp.pretrained`, or (None, None).
 
-  A folder is a converted model (tools/convert_torch.py) or an earlier run (its
-  first member); an architecture name converts the weights its pip package ships.
+  A folder is a converted model (tools/convert_torch.py), an earlier run (its first
+  member) or a pretraining (`smallfx.pretrain`: one backbone per seed, the leading
+  axis kept); an architecture name converts the weights its pip package ships.
   """
   if not exp.pretrained:
     return None, None
   if os.path.isdir(exp.pretrained):
     variables, spec = checkpoint.load_variables(exp.pretrained)
-    if 'num_seeds' in spec:  # a training run: leaves carry a member axis
+    if 'num_seeds' in spec and 'pretrained_seeds' not in spec:  # a run's members: the first
       variables = jax.tree.map(lambda x: x[0], variables)
   elif exp.pretrained in convert.ARCHS:
     path = convert.packaged_weights(exp.pretrained)
@@ -276,12 +295,12 @@ def check_same_config(config, workdir: str) -> bool:
   return True
 
 
-def write_config(config, workdir: str, setup: Setup) -> None:
+def write_config(config, workdir: str, augment_spec: str) -> None:
   """Saves the resolved config (once it has passed every check), 'auto' values resolved."""
   path = os.path.join(workdir, 'config.json')
   if jax.process_index() == 0 and not os.path.exists(path):
     resolved = json.loads(config.to_json(sort_keys=True))
-    resolved['augment'] = setup.augment_spec
+    resolved['augment'] = augment_spec
     with open(path + '.tmp', 'w') as f:
       json.dump(resolved, f, indent=1)
     os.replace(path + '.tmp', path)

@@ -12,6 +12,7 @@ import importlib.util
 from typing import Any
 
 from smallfx import baseline as baseline_lib
+from smallfx import pretext
 from smallfx.errors import UserError, unknown
 
 KINDS = ('trained', 'baseline', 'ensemble')
@@ -106,6 +107,16 @@ register(Method('finetune', 'fine-tune ImageNet EfficientNet-Lite0 (96x96, backb
 register(Method('linear_probe', 'train only a new head on frozen ImageNet EfficientNet-Lite0',
                 overrides=dict(_FINETUNE, finetune='linear'), needs=_WEIGHTS,
                 grid={'learning_rate': '0.05,0.2,0.5'}))
+
+# Pretraining without labels on the training pool's other images (smallfx.pretrain),
+# then the whole network fine-tuned with the base loss and the default augmentation,
+# so the comparison with `+aug` methods isolates the pretraining. The backbone learns at
+# the head's rate (SmallCNN on Fashion-MNIST, 10 per class, 2 seeds: dae 0.758 at 1x
+# against 0.719 at 0.1x, simclr 0.757 against 0.742) and its statistics adapt.
+for _name, _what in pretext.METHODS.items():
+  register(Method(_name, f'{_what}; then fine-tuned', overrides=dict(
+      pretrain=_name, finetune='full', backbone_lr_mult=1.0, freeze_bn=False,
+      augment='auto')))
 
 register(Method('ensemble', 'the seeds of the from-scratch method best on validation, '
                 'averaged', 'ensemble'))

@@ -29,6 +29,7 @@ from smallfx import malloc
 from smallfx import members
 from smallfx import metrics as metrics_lib
 from smallfx import models
+from smallfx import pretrain as pretrain_lib
 from smallfx import results as results_lib
 from smallfx import steps as steps_lib
 from smallfx import tuning
@@ -74,6 +75,7 @@ class Run:
   mean: np.ndarray
   std: np.ndarray
   pretrained: Any = None  # the backbone's variables, when fine-tuning
+  pretrained_seeds: int = 0  # > 0: `pretrained` holds one backbone per seed (smallfx.pretrain)
 
   def train_step(self, steps: int = 1, layout: members.Layout | None = None):
     return make_train_step(layout or self.layout, self.exp, self.setup,
@@ -98,11 +100,20 @@ class Run:
         return state
       # Optimiser state (momenta, zeros) does not depend on the parameter values.
       variables = convert.transfer_backbone(
-          {'params': state.params, 'batch_stats': state.batch_stats}, self.pretrained)
-      return self.layout.place(state.replace(params=variables['params'],
-                                             batch_stats=variables['batch_stats']))
+          {'params': state.params, 'batch_stats': state.batch_stats}, self.per_member_weights())
+      # A backbone without BatchNorm (SmallCNN) has no statistics to transfer.
+      return self.layout.place(state.replace(
+          params=variables['params'], batch_stats=variables.get('batch_stats', state.batch_stats)))
 
     return fresh, abstract
+
+  def per_member_weights(self):
+    """The pretrained variables; one backbone per seed: member m gets its seed's."""
+    if not self.pretrained_seeds:
+      return self.pretrained
+    pick = np.array([self.exp.grid.seed_of(m) % self.pretrained_seeds
+                     for m in range(self.exp.num_members)])
+    return jax.tree.map(lambda x: x[pick], self.pretrained)
 
   def training_data(self):
     """The training split on the devices: one copy for all, or a sub-sample per member."""
@@ -131,7 +142,8 @@ def set_up(config: ml_collections.ConfigDict, exp: experiment.Experiment | None 
   mean, std = _normalisation(dataset, pretrained_spec)
   # Once every check has passed: the oneDNN build, if any, says so here.
   tuning.prepare(layout.platform, exp.cpu_tuning)
-  return Run(exp, layout, dataset, setup, mean, std, pretrained)
+  return Run(exp, layout, dataset, setup, mean, std, pretrained,
+             (pretrained_spec or {}).get('pretrained_seeds', 0))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -152,9 +164,11 @@ def _train_and_evaluate(config, exp: experiment.Experiment, workdir: str) -> dic
       print(results_lib.summary_line(results, workdir))
     return results
 
+  if exp.pretraining:
+    exp = pretrain_lib.run(config, exp, workdir)
   run = set_up(config, exp)
   layout, dataset, setup = run.layout, run.dataset, run.setup
-  experiment.write_config(config, workdir, setup)
+  experiment.write_config(config, workdir, setup.augment_spec)
   if jax.process_index() == 0:
     checkpoint.write_model_spec(workdir, _model_spec(exp, dataset, run.mean, run.std))
 

@@ -1,6 +1,7 @@
 """The study: methods by name, cells, statistics, outputs, resume and shards."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_cli
 from smallfx import cells
 from smallfx import config as config_lib
 from smallfx import curves
@@ -93,6 +94,34 @@ def test_a_registered_method_plugs_into_the_study(tmp_path):
     assert (final.num_seeds, final.seed) == (config.seeds, 0)
   finally:
     del methods.METHODS['test_smooth']
+
+
+def test_pretraining_methods_are_study_methods_and_older_records_still_match(tmp_path):
+  config = config_lib.study()
+  config.methods = 'dae,stacked_ae,simclr,cosine'
+  study = cells.resolve(config, str(tmp_path))
+  dae, _, _, cosine = study.methods
+  tune = cells.cell_config(study, cells.Cell(dae, 10), 'tune', {})
+  assert (tune.pretrain, tune.finetune, tune.backbone_lr_mult) == ('dae', 'full', 1.0)
+  # A cell without pretraining hashes as it did before those fields existed.
+  before = cells.fingerprint(study, cells.Cell(cosine, 10))
+  study.base.pretraining.steps = 7
+  assert cells.fingerprint(study, cells.Cell(cosine, 10)) == before
+  assert cells.fingerprint(study, cells.Cell(dae, 10)) != cells.fingerprint(
+      dataclasses.replace(study, base=config_lib.study().base), cells.Cell(dae, 10))
+
+
+@pytest.mark.slow
+def test_a_pretraining_method_runs_as_a_study_cell(tmp_path):
+  r = run_cli('smallfx.study', f'--config={STUDY}', f'--workdir={tmp_path}', *TINY[:1],
+              '--config.methods=random_forest,dae', *TINY[2:],
+              '--config.base.pretraining.steps=6', '--config.base.pretraining.batch_size=16')
+  assert r.returncode == 0, r.stderr[-3000:]
+  for stage in ('tune', 'final'):
+    done = json.loads((tmp_path / 'cells' / 'dae' / 'n10' / stage / 'pretrain' /
+                       'results.json').read_text())
+    assert done['steps'] == 6
+  assert '| dae |' in (tmp_path / 'report.md').read_text()
 
 
 def test_shards_are_disjoint_and_cover_every_cell():

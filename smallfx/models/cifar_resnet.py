@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from smallfx.models import conv as conv_lib
+from smallfx.models import simple
 
 # PyTorch's BatchNorm defaults (momentum 0.1 = Flax 0.9, eps 1e-5), so results
 # compare with the reference implementations.
@@ -53,7 +54,14 @@ class CifarResNet(nn.Module):
       for i in range(n):
         strides = 2 if stage > 0 and i == 0 else 1
         x = BasicBlock(features, strides, self.dtype)(x, train)
+      simple.sow_stage(self, x)
     return jnp.mean(x, axis=(1, 2))
+
+  def stage_of(self, name: str) -> int:
+    """The stem belongs to the first stage; block i to stage i // blocks per stage."""
+    if not name.startswith('BasicBlock_'):
+      return 0
+    return int(name.split('_')[-1]) // ((self.depth - 2) // 6)
 
 
 class WideBlock(nn.Module):

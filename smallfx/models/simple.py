@@ -8,6 +8,18 @@ import jax.numpy as jnp
 
 from smallfx.models import conv as conv_lib
 
+# The collection where a backbone sows each stage's output, in order (for greedy
+# layer-wise pretraining, smallfx.pretext). Backbones with stages also name the stage
+# of each top-level parameter (`stage_of`). Unless applied with it mutable, sowing is free.
+STAGES = 'stages'
+
+
+def sow_stage(module: nn.Module, x) -> None:
+  """Records the output of one of `module`'s stages; never while initialising, so
+  that the stages are no variables of the model."""
+  if not module.is_initializing():
+    module.sow(STAGES, 'out', x)
+
 
 class MLP(nn.Module):
   width: float = 1.0
@@ -20,7 +32,12 @@ class MLP(nn.Module):
     x = x.reshape((x.shape[0], -1)).astype(self.dtype)
     for h in self.hidden:
       x = nn.relu(nn.Dense(int(h * self.width), dtype=self.dtype)(x))
+      sow_stage(self, x)
     return x
+
+  def stage_of(self, name: str) -> int:
+    """The stage (see `STAGES`) a top-level parameter or statistic belongs to."""
+    return int(name.split('_')[-1])
 
 
 def _windows(x):
@@ -87,5 +104,11 @@ class SmallCNN(nn.Module):
     for features in (32, 64):
       x = nn.relu(conv_lib.Conv(int(features * self.width), (3, 3), dtype=self.dtype)(x))
       x = max_pool_2x2(x)
+      sow_stage(self, x)
     x = x.reshape((x.shape[0], -1))
-    return nn.relu(nn.Dense(int(128 * self.width), dtype=self.dtype)(x))
+    x = nn.relu(nn.Dense(int(128 * self.width), dtype=self.dtype)(x))
+    sow_stage(self, x)
+    return x
+
+  def stage_of(self, name: str) -> int:
+    return {'Conv_0': 0, 'Conv_1': 1, 'Dense_0': 2}[name]
