@@ -104,15 +104,45 @@ def run(config, exp: experiment.Experiment, workdir: str) -> experiment.Experime
   return dataclasses.replace(exp, pretrained=folder)
 
 
+@dataclasses.dataclass
+class Session:
+  """A pretraining set up on this process's devices: what the loop and benchmarks call."""
+  exp: experiment.Experiment
+  objective: pretext.Objective
+  layout: members.Layout
+  images: np.ndarray
+
+  def initializer(self):
+    """(init, abstract state): init() makes every seed's state on its devices."""
+    keys = _keys(self.exp, self.exp.grid.num_seeds)
+    jitted, abstract = self.layout.init(jax.vmap(self.objective.init), keys)
+    return (lambda: jitted(keys)), abstract
+
+  def data(self):
+    """(the pool, a placeholder for the labels the step's signature has) on the devices."""
+    return (jax.device_put(self.images, self.layout.replicated),
+            jax.device_put(np.zeros((1,), np.int32), self.layout.replicated))
+
+  def step(self, phase: pretext.Phase):
+    """(state, images, unused) -> (state, metrics): one step of `phase`, compiled."""
+    return members.compile_step(self.layout, pretext.step_fn(self.objective, phase, self.layout),
+                                False)
+
+
+def set_up(exp: experiment.Experiment, images: np.ndarray) -> Session:
+  """The devices, objective and platform tuning of `exp`'s pretraining on `images`."""
+  layout = members.make_layout(exp.grid.num_seeds)
+  if exp.pretraining.batch_size % layout.data_devices:
+    raise UserError(f'pretraining.batch_size={exp.pretraining.batch_size} must be a multiple '
+                    f'of the {layout.data_devices} devices that split it')
+  tuning.prepare(layout.platform, exp.cpu_tuning)
+  return Session(exp, objective(exp, images), layout, images)
+
+
 def _pretrain(exp: experiment.Experiment, images: np.ndarray, folder: str) -> None:
   spec = exp.pretraining
-  goal = objective(exp, images)
-  seeds = exp.grid.num_seeds
-  layout = members.make_layout(seeds)
-  if spec.batch_size % layout.data_devices:
-    raise UserError(f'pretraining.batch_size={spec.batch_size} must be a multiple of the '
-                    f'{layout.data_devices} devices that split it')
-  tuning.prepare(layout.platform, exp.cpu_tuning)
+  session = set_up(exp, images)
+  goal, layout, seeds = session.objective, session.layout, exp.grid.num_seeds
   os.makedirs(folder, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
@@ -124,15 +154,13 @@ def _pretrain(exp: experiment.Experiment, images: np.ndarray, folder: str) -> No
         'num_outputs': 0, 'num_classes': 0, 'loss': 'none', 'class_names': None,
         'class_embeddings': None})
 
-  keys = _keys(exp, seeds)
-  init, abstract = layout.init(jax.vmap(goal.init), keys)
+  init, abstract = session.initializer()
   mngr = checkpoint.manager(folder)
   start, state = checkpoint.restore_latest(mngr, abstract)
   if start is None:
-    state, start = init(keys), 0
+    state, start = init(), 0
   checkpoint.set_aside_newer(mngr, start)
-  data = jax.device_put(images, layout.replicated)
-  unused = jax.device_put(np.zeros((1,), np.int32), layout.replicated)
+  data, unused = session.data()
   parts = layout.split(state)
   del state
 
@@ -147,7 +175,7 @@ def _pretrain(exp: experiment.Experiment, images: np.ndarray, folder: str) -> No
       continue
     bar.set_description(f'pretrain {spec.method}' + (
         f' ({phase.name})' if phase.name != spec.method else ''))
-    train = members.compile_step(layout, pretext.step_fn(goal, phase, layout), False)
+    train = session.step(phase)
     window, window_start = [], time.perf_counter()
     while step < phase.end:
       window.append([None] * layout.rounds)

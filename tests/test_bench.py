@@ -222,3 +222,17 @@ def test_bench_study_runs_end_to_end(tmp_path):
                   '--config.base.max_steps=20'], check=True, cwd=ROOT, timeout=900)
   record = json.loads(out.read_text())
   assert len(record['separate_s']) == 4 and record['ratio'] > 0
+
+
+@pytest.mark.slow
+def test_pretraining_bench_times_every_phase(tmp_path):
+  out = tmp_path / 'pretrain.json'
+  subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_pretrain.py'),
+                  '--models=mlp', '--methods=stacked_ae,simclr', '--dataset=digits',
+                  '--batch_size=16', '--steps=2', '--rounds=1', f'--out={out}'],
+                 check=True, cwd=ROOT, timeout=600, capture_output=True, text=True)
+  rows = json.loads(out.read_text())['rows']
+  assert [r['method'] for r in rows] == ['stacked_ae', 'simclr']
+  # The MLP's two stages, then the whole stack; simclr has one phase.
+  assert [p['phase'] for p in rows[0]['phases']] == ['stage 1/2', 'stage 2/2', 'whole stack']
+  assert all(r['images_per_sec'] > 0 for r in rows)
