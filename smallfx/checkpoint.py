@@ -21,7 +21,6 @@ import weakref
 
 import jax
 import numpy as np
-from etils import epath
 import orbax.checkpoint as ocp
 
 from smallfx.errors import UserError
@@ -121,6 +120,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract=None) -> tuple[Any, Any
   newest = None
   for step, older in zip(steps, steps[1:] + [None]):
     try:
+      # Reading the metadata fails as the arrays do where a checkpoint is damaged.
       target = abstract if abstract is not None else _here(mngr, step)
       return step, mngr.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # Orbax raises many types for a damaged file.
@@ -142,8 +142,7 @@ def _here(mngr: ocp.CheckpointManager, step: int):
   Without a target Orbax restores each array onto the devices it was saved from: a
   run trained over 2 CPU devices then fails to load in a process with one (predict).
   """
-  meta = ocp.StandardCheckpointHandler().metadata(
-      epath.Path(str(mngr.directory)) / str(step) / 'default')
+  meta = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(step) / 'default')
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here)
                       if hasattr(m, 'shape') else m, meta)

@@ -161,9 +161,15 @@ class Projection(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-  """A stretch of pretraining with one loss: `stage` None trains everything."""
+  """A stretch of pretraining with one loss: `stage` None trains everything.
+
+  Each phase is an optimisation of its own: AdamW starts afresh (moments, count and
+  schedule) at `start`, so a stage never inherits moments, or a schedule already past
+  its warm-up, from the phases before it.
+  """
   name: str
-  end: int                 # the step at which the phase ends
+  start: int
+  end: int
   stage: int | None = None
 
 
@@ -222,16 +228,20 @@ class Objective:
   def phases(self) -> list[Phase]:
     total = self.spec.steps
     if self.spec.method != 'stacked_ae':
-      return [Phase(self.spec.method, total)]
+      return [Phase(self.spec.method, 0, total)]
     n = len(self.stage_shapes)
     per = total // (n + 1)
-    return [Phase(f'stage {k + 1}/{n}', per * (k + 1), k) for k in range(n)] + [
-        Phase('whole stack', total)]
+    if not per:
+      raise UserError(f'pretraining.steps={total} is too few for stacked_ae: its {n} stages '
+                      f'and the whole stack need at least {n + 1}')
+    return [Phase(f'stage {k + 1}/{n}', per * k, per * (k + 1), k) for k in range(n)] + [
+        Phase('whole stack', per * n, total)]
 
-  def tx(self) -> optax.GradientTransformation:
+  def tx(self, phase: Phase) -> optax.GradientTransformation:
     s = self.spec
+    steps = phase.end - phase.start
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, s.learning_rate, min(s.warmup_steps, s.steps // 2), s.steps)
+        0.0, s.learning_rate, min(s.warmup_steps, steps // 2), steps)
     return optax.adamw(schedule, weight_decay=s.weight_decay,
                        mask=lambda p: jax.tree.map(lambda a: a.ndim > 1, p))
 
@@ -252,7 +262,7 @@ class Objective:
     return steps_lib.TrainState(
         step=jnp.zeros((), jnp.int32), params=params,
         batch_stats={'backbone': variables.get('batch_stats', {})},
-        opt_state=self.tx().init(params), rng=jax.random.key_data(train_key),
+        opt_state=self.tx(self.phases()[0]).init(params), rng=jax.random.key_data(train_key),
         diverged=jnp.zeros((), bool))
 
   def draw(self, state: steps_lib.TrainState, images_u8) -> jax.Array:
@@ -292,12 +302,19 @@ class Objective:
     noisy = corrupt(key, x, self.spec.mask, self.spec.noise)
     if phase.stage is None:
       h, new_stats, _ = self._encode(params, batch_stats, noisy)
+      if jax.tree.leaves(batch_stats):
+        # BatchNorm's running statistics from the clean images, which fine-tuning sees.
+        _, new_stats, _ = self._encode(jax.lax.stop_gradient(params), batch_stats, x)
       rebuilt = heads['decoder'].apply({'params': params['decoder']}, h)
       return jnp.mean(jnp.square(rebuilt - x)), new_stats
     k = phase.stage
-    _, _, clean = self._encode(jax.lax.stop_gradient(params), batch_stats, x, stages=True)
+    # The stages below are frozen: no gradient reaches them (nor their moments).
+    params = jax.tree.map(lambda p, ok: p if ok else jax.lax.stop_gradient(p), params,
+                          self.trains(phase, params))
+    _, new_stats, clean = self._encode(jax.lax.stop_gradient(params), batch_stats, x,
+                                       stages=True)
     target = x if k == 0 else jax.lax.stop_gradient(clean[k - 1])
-    _, new_stats, outputs = self._encode(params, batch_stats, noisy, stages=True)
+    _, _, outputs = self._encode(params, batch_stats, noisy, stages=True)
     rebuilt = heads[f'stage_{k}'].apply({'params': params[f'stage_{k}']}, outputs[k])
     return jnp.mean(jnp.square(rebuilt - target)), new_stats
 
@@ -322,7 +339,11 @@ class Objective:
                              state.step)
     (value, new_stats), grads = jax.value_and_grad(
         lambda p: self.loss(phase, p, state.batch_stats, x01, key), has_aux=True)(state.params)
-    updates, opt_state = self.tx().update(grads, state.opt_state, state.params)
+    tx = self.tx(phase)
+    fresh = state.step == phase.start
+    opt_state = jax.tree.map(lambda new, old: jnp.where(fresh, new, old),
+                             tx.init(state.params), state.opt_state)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
     if phase.stage is not None:  # greedy: only this stage and its decoder move
       updates = jax.tree.map(lambda u, ok: u if ok else jnp.zeros_like(u), updates,
                              self.trains(phase, updates))

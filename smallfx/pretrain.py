@@ -33,8 +33,8 @@ from smallfx.errors import UserError
 
 FOLDER = 'pretrain'
 LOG_EVERY_STEPS = 50
-# Pretraining seeds are their own stream: seed s pretrains from key(seed + s) folded
-# with this, so its initialisation differs from the training run's own for seed s.
+# Pretraining seeds are their own stream: seed s pretrains from key(seed) folded with s
+# and with this, so its initialisation differs from the training run's own for seed s.
 _STREAM = 7
 
 
@@ -91,6 +91,12 @@ def restore(workdir: str) -> Pretrained:
 def _keys(exp: experiment.Experiment, seeds: int):
   return jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(
       jax.random.key(exp.seed), s), _STREAM))(np.arange(seeds))
+
+
+def summary(workdir: str) -> dict:
+  """The finished pretraining's results.json (method, steps, loss, images, time)."""
+  with open(os.path.join(workdir, FOLDER, 'results.json')) as f:
+    return json.load(f)
 
 
 def run(config, exp: experiment.Experiment, workdir: str) -> experiment.Experiment:

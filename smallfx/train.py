@@ -276,6 +276,7 @@ def _train_and_evaluate(config, exp: experiment.Experiment, workdir: str) -> dic
       'versions': results_lib.versions(),
       'devices': [str(d) for d in devices],
       'platform': devices[0].platform,
+      'pretrain': pretrain_lib.summary(workdir) if exp.pretraining else None,
   })
   if jax.process_index() == 0:
     # Prediction averages the chosen setting's live members, not every member.
@@ -365,7 +366,10 @@ def feature_fn(run: Run):
   """The pretrained backbone's features of uint8 images, for feature baselines."""
   if run.pretrained is None:
     return None
-  variables = {'params': run.pretrained['params'], 'batch_stats': run.pretrained['batch_stats']}
+  pretrained = run.pretrained
+  if run.pretrained_seeds:  # one backbone per seed: the first seed's features
+    pretrained = jax.tree.map(lambda a: a[0], pretrained)
+  variables = {'params': pretrained['params'], 'batch_stats': pretrained.get('batch_stats', {})}
   fn = jax.jit(lambda x: models.features(run.setup.model, variables,
                                          steps_lib.normalise(x, run.mean, run.std)))
   return lambda images: np.concatenate([np.asarray(fn(images[i:i + 256]))

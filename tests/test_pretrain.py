@@ -117,7 +117,7 @@ def test_stacked_ae_gives_each_stage_a_phase_then_the_whole_stack():
   goal = _objective('stacked_ae')
   phases = goal.phases()
   assert [p.stage for p in phases] == [0, 1, 2, None]
-  assert [p.end for p in phases] == [250, 500, 750, 1000]
+  assert [(p.start, p.end) for p in phases] == [(0, 250), (250, 500), (500, 750), (750, 1000)]
   # Each stage decoder rebuilds the stage's input: the image, then the stage below.
   assert goal.stage_shapes == [(4, 4, 16), (2, 2, 32), (64,)]
   assert sorted(goal.heads) == ['decoder', 'stage_0', 'stage_1', 'stage_2']
@@ -138,6 +138,9 @@ def test_a_greedy_phase_moves_its_stage_alone(model):
     moved = any(jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), before,
                                              new.params['backbone'][name])))
     assert moved == (backbone.stage_of(name) == 1), name
+    # No gradient reaches a frozen stage, so its moments stay empty for its own phase.
+    moments = new.opt_state[0].mu['backbone'][name]
+    assert any(np.any(m != 0) for m in jax.tree.leaves(moments)) == moved, name
   for head in goal.heads:
     moved = any(jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b),
                                              state.params[head], new.params[head])))
