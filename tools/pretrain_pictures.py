@@ -69,7 +69,8 @@ def embeddings(runs: list[tuple[str, pretrain.Pretrained]], path: str, points: i
   idx = np.random.default_rng(0).permutation(len(test.labels))[:points]
   x, y = test.images[idx].astype(np.float32) / 255.0, test.labels[idx]
   panels = [('random init', first, first.initial)] + [
-      (f'{done.exp.pretraining.method} ({name})', done, _seed0(done.variables))
+      (done.exp.pretraining.method + ('' if name == done.exp.pretraining.method else f' ({name})'),
+       done, _seed0(done.variables))
       for name, done in runs]
   fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.3), squeeze=False)
   cmap = plt.get_cmap('tab10' if first.dataset.num_classes <= 10 else 'tab20')

@@ -10,6 +10,12 @@ baselines and three from-scratch methods:
     python -m smallfx.study --config=configs/study/fashion_mnist.py \
         --config.methods=random_forest,gradient_boosting,logistic_features,cosine+aug,xent+aug,cosine,ensemble
 
+Pretraining without labels (dae, stacked_ae, simclr) was added on 2026-12-06 at 10 and 50
+per class (experiments/pretrain/README.md):
+
+    python -m smallfx.study --config=configs/study/fashion_mnist.py \
+        --config.methods=random_forest,cosine+aug,dae,stacked_ae,simclr --config.sizes=10,50
+
 Per cell: about 2 min for a SmallCNN method (9 settings, then 3 seeds) on a quiet
 machine (`cosine`), up to 7 beside the tests; 1-2.5 min for gradient boosting, 30-40 s
 for logistic_features. The slow methods (finetune,
