@@ -118,7 +118,7 @@ def test_a_pretraining_method_runs_as_a_study_cell(tmp_path):
               '--config.base.pretraining.steps=6', '--config.base.pretraining.batch_size=16')
   assert r.returncode == 0, r.stderr[-3000:]
   for stage in ('tune', 'final'):
-    done = json.loads((tmp_path / 'cells' / 'dae' / 'n10' / stage / 'pretrain' /
+    done = json.loads((tmp_path / 'cells' / 'dae' / 'n0010' / stage / 'pretrain' /
                        'results.json').read_text())
     assert done['steps'] == 6
   assert '| dae |' in (tmp_path / 'report.md').read_text()
