@@ -185,6 +185,8 @@ def fingerprint(study: Study, cell: Cell) -> str:
   configs = [c if c['pretrain'] else {k: v for k, v in c.items()
                                       if k not in config_lib.PRETRAINING_FIELDS}
              for c in configs]
+  later = config_lib.LATER_FIELDS
+  configs = [{k: v for k, v in c.items() if k not in later or v != later[k]} for c in configs]
   text = json.dumps([configs, study.seeds, study.tune_seeds, cell.method.kind],
                     sort_keys=True, default=str)
   return hashlib.sha1(text.encode()).hexdigest()[:12]
@@ -285,6 +287,10 @@ def _run_trained(study: Study, cell: Cell) -> dict:
       'ensemble_accuracy': final['test_ensemble_accuracy'],
       'diverged': sum(len(r['diverged_members']) for r in runs.values()),
       'rows': rows,
+      # Metrics of the class hierarchy, per seed as test_accuracy (None: no mistakes).
+      **({'hierarchy': {k: [m['test_hierarchy'][k] for m in live]
+                        for k in live[0]['test_hierarchy']}}
+         if live and 'test_hierarchy' in live[0] else {}),
   }
 
 

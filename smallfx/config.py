@@ -10,6 +10,9 @@ SWEEPABLE = ('learning_rate', 'weight_decay', 'momentum', 'label_smoothing',
 # The fields a run without `pretrain` never reads (a study cell's fingerprint leaves
 # them out there, so records written before they existed still match).
 PRETRAINING_FIELDS = ('pretrain', 'unlabelled', 'pretraining')
+# Fields a study cell's fingerprint leaves out while they hold these defaults, for the
+# same reason.
+LATER_FIELDS = {'hierarchy': '', 'class_targets': 'onehot'}
 
 
 def default() -> ml_collections.ConfigDict:
@@ -21,7 +24,7 @@ def default() -> ml_collections.ConfigDict:
   c.val_per_class = 10
   c.data_seed = 0
   c.image_size = 0     # 0: native size; N or (H, W): resize on load.
-  c.channels = 0       # folder datasets: 1 (grey) or 3 (RGB, the default).
+  c.channels = 0       # 1: grey (colour sources are converted); 3: RGB; 0: the source's.
   c.max_image_pixels = 0  # folder datasets: Pillow's decompression-bomb limit (0: Pillow's).
   # Grammar in smallfx/augment.py; 'auto' picks by image size (`experiment.AUTO_AUGMENT`).
   c.augment = 'auto'
@@ -32,6 +35,11 @@ def default() -> ml_collections.ConfigDict:
   c.dtype = 'float32'
   c.loss = 'cosine'
   c.embedding_dim = 0  # 0: one output per class (one-hot cosine targets).
+  # A class hierarchy (smallfx/hierarchy.py: `child parent` lines; hierarchies/ ships
+  # some). Any run with one reports how severe its mistakes are; `class_targets=
+  # 'hierarchy'` also trains the cosine losses towards Barz & Denzler's embedding of it.
+  c.hierarchy = ''
+  c.class_targets = 'onehot'
   # Fine-tuning: a workdir of tools/convert_torch.py (or of a run), or an
   # architecture whose weights a pip package ships (converted on the fly).
   c.pretrained = ''

@@ -340,9 +340,19 @@ def load_source(spec: Spec) -> Source:
                   f"{', '.join(p + ':NAME' for p in sorted(PREFIXES))}")
 
 
+def _grey(split: Split) -> Split:
+  """Colour images as grey ones (ITU-R 601 luma, as Pillow's convert('L')); grey unchanged."""
+  if split.images.shape[-1] == 1:
+    return split
+  luma = split.images[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+  return Split(np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None], split.labels)
+
+
 def load(spec: Spec) -> Dataset:
   """The run's splits: validation carved from the train pool, then `samples_per_class`."""
   source = load_source(spec)
+  if spec.channels == 1:  # colour taken away: one of the playbook's "fewer inputs"
+    source = dataclasses.replace(source, train=_grey(source.train), test=_grey(source.test))
   names = source.class_names
   pool = source.train
   if spec.val_per_class:

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from smallfx import data as data_lib
+from smallfx import hierarchy as hierarchy_lib
 from smallfx import members
 from smallfx import steps
 
@@ -21,11 +22,13 @@ def make_eval_step(layout: members.Layout, model, loss, num_classes: int, mean, 
 
 
 def evaluate(eval_step, parts: list, split: data_lib.Split, batch_size: int,
-             ensembles: dict | None = None) -> dict:
+             ensembles: dict | None = None,
+             tree: hierarchy_lib.ClassTree | None = None) -> dict:
   """Each member's accuracy and loss, (members,) arrays in member order.
 
   `ensembles` names groups of members whose averaged probabilities are scored as one
-  model: {'name': [member, ...]} gives 'ensemble_accuracy': {'name': accuracy}.
+  model: {'name': [member, ...]} gives 'ensemble_accuracy': {'name': accuracy}. With a
+  class hierarchy, 'hierarchy' holds each of its metrics (`hierarchy.sums`) per member.
   """
   n = len(split.labels)
   if n == 0:
@@ -34,7 +37,7 @@ def evaluate(eval_step, parts: list, split: data_lib.Split, batch_size: int,
   # Every batch has the same shape (one compiled function) and splits evenly over devices.
   devices = jax.device_count()
   batch_size = -(-min(batch_size, n) // devices) * devices
-  totals, correct_ensemble = None, dict.fromkeys(ensembles, 0)
+  totals, correct_ensemble, tree_totals = None, dict.fromkeys(ensembles, 0), None
   for start in range(0, n, batch_size):
     x, y = split.images[start:start + batch_size], split.labels[start:start + batch_size]
     pad = batch_size - len(y)
@@ -45,10 +48,18 @@ def evaluate(eval_step, parts: list, split: data_lib.Split, batch_size: int,
     # Round r holds member d*R + r on device d (`members.Layout.split`).
     sums = {k: np.stack([o[0][k] for o in outs], -1).reshape(-1) for k in outs[0][0]}
     totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
-    if ensembles:
+    if ensembles or tree is not None:
       probs = np.stack([o[1] for o in outs], 1).reshape(-1, *outs[0][1].shape[1:])
+    if tree is not None:
+      batch = hierarchy_lib.sums(tree, probs, y, mask)
+      tree_totals = batch if tree_totals is None else {
+          k: tree_totals[k] + batch[k] for k in batch}
+    if ensembles:
       for name, group in ensembles.items():
         guess = np.argmax(probs[group].sum(0), -1)
         correct_ensemble[name] += int(((guess == y) * mask).sum())
-  return {'accuracy': totals['correct'] / n, 'loss': totals['loss'] / n,
-          'ensemble_accuracy': {k: v / n for k, v in correct_ensemble.items()}}
+  out = {'accuracy': totals['correct'] / n, 'loss': totals['loss'] / n,
+         'ensemble_accuracy': {k: v / n for k, v in correct_ensemble.items()}}
+  if tree is not None:
+    out['hierarchy'] = hierarchy_lib.means(tree_totals)
+  return out

@@ -24,6 +24,7 @@ from smallfx import checkpoint
 from smallfx import config as config_lib
 from smallfx import convert
 from smallfx import data as data_lib
+from smallfx import hierarchy as hierarchy_lib
 from smallfx import losses
 from smallfx import members
 from smallfx import models
@@ -74,7 +75,9 @@ class Experiment:
   model: str
   width: float
   dtype: str
-  loss: losses.Loss
+  loss: losses.Loss                  # one-hot targets; `Setup.loss` has the run's own
+  hierarchy: str                     # a hierarchy file, or ''
+  class_targets: str                 # CLASS_TARGETS
   augment: str                       # a pipeline, or 'auto' (`auto_augment`)
   optimizer: optim.Optimizer
   hyperparams: dict[str, float]      # every member's, except where `grid` sweeps them
@@ -113,6 +116,8 @@ class Experiment:
 class Setup:
   """What a run builds once its data is known."""
   model: models.Net
+  loss: losses.Loss                  # with the class targets
+  tree: hierarchy_lib.ClassTree | None  # the class hierarchy, for targets and metrics
   augment: Callable
   augment_spec: str                  # the pipeline `augment` runs, 'auto' resolved
   tx: optax.GradientTransformation
@@ -193,9 +198,11 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
     raise unknown('finetune mode', config.finetune, optim.FINETUNE)
   if config.augment != 'auto':
     augment_lib.build(config.augment)  # a bad pipeline fails here, before any data is read
+  _check_class_targets(config)
   return Experiment(
       data=data_lib.Spec.from_config(config), model=config.model, width=float(config.width),
-      dtype=config.dtype, loss=losses.get(config.loss), augment=config.augment, optimizer=optimizer,
+      dtype=config.dtype, loss=losses.get(config.loss), hierarchy=config.hierarchy,
+      class_targets=config.class_targets, augment=config.augment, optimizer=optimizer,
       hyperparams={name: float(config[name]) for name in optim.HYPERPARAMS},
       grid=sweep, seed=int(config.seed), batch_size=int(config.batch_size),
       num_steps=int(config.num_steps), num_epochs=float(config.num_epochs),
@@ -210,8 +217,39 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
       eval_batch_size=int(config.eval_batch_size), progress=bool(config.progress))
 
 
-def build(exp: Experiment, num_classes: int, train_size: int, image_shape) -> Setup:
+# What the cosine losses steer each class's output towards.
+CLASS_TARGETS = ('onehot', 'hierarchy')
+
+
+def _check_class_targets(config) -> None:
+  if config.class_targets not in CLASS_TARGETS:
+    raise unknown('class_targets', config.class_targets, CLASS_TARGETS)
+  if config.class_targets == 'hierarchy':
+    if not config.hierarchy:
+      raise UserError("class_targets='hierarchy' needs a hierarchy: set --config.hierarchy="
+                      'PATH, e.g. hierarchies/fashion_mnist.txt (in a study: '
+                      '--config.base.hierarchy=PATH)')
+    if config.loss not in ('cosine', 'cosine_xent'):
+      raise UserError(f"class_targets='hierarchy' are targets of the cosine losses; loss "
+                      f"{config.loss!r} has none: set --config.loss=cosine or cosine_xent")
+    if config.embedding_dim:
+      raise UserError("class_targets='hierarchy' embeds the classes in as many dimensions as "
+                      'there are classes; leave --config.embedding_dim at 0')
+  if config.hierarchy:
+    hierarchy_lib.read(config.hierarchy)  # a broken file fails before any data is read
+
+
+def build(exp: Experiment, num_classes: int, train_size: int, image_shape,
+          class_names=None) -> Setup:
   """The network, augmentation, optimiser and the run's length, once the data is known."""
+  tree = None
+  if exp.hierarchy and class_names is not None:
+    tree = hierarchy_lib.load(exp.hierarchy, class_names)
+  loss = exp.loss
+  if exp.class_targets == 'hierarchy':
+    if tree is None:
+      raise ValueError("class_targets='hierarchy' needs the dataset's class_names")
+    loss = losses.get(exp.loss.name, jnp.asarray(tree.embedding, jnp.float32))
   if exp.batch_size > train_size:
     raise UserError(f'batch_size={exp.batch_size} is larger than the training split '
                     f'({train_size} images); lower --config.batch_size')
@@ -223,7 +261,7 @@ def build(exp: Experiment, num_classes: int, train_size: int, image_shape) -> Se
                        freeze_backbone_bn=bool(exp.pretrained or exp.pretraining) and (
                            exp.freeze_bn or exp.optimizer.finetune == 'linear'))
   spec = augment_spec(exp, image_shape)
-  return Setup(model, augment_lib.build(spec), spec, tx, unit, total_steps)
+  return Setup(model, loss, tree, augment_lib.build(spec), spec, tx, unit, total_steps)
 
 
 def augment_spec(exp: Experiment, image_shape) -> str:

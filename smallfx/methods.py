@@ -118,5 +118,24 @@ for _name, _what in pretext.METHODS.items():
       pretrain=_name, finetune='full', backbone_lr_mult=1.0, freeze_bn=False,
       augment='auto')))
 
+# Prior knowledge: a class hierarchy (`--config.base.hierarchy=PATH`) as the cosine
+# losses' targets (Barz & Denzler's embedding), with the default augmentation, so the
+# comparison with `cosine+aug` and `cosine_xent+aug` isolates the targets.
+for _loss in ('cosine', 'cosine_xent'):
+  register(Method(f'{_loss}_hierarchy', f'{_LOSSES[_loss]} towards class-hierarchy targets '
+                  '(needs --config.base.hierarchy), the default augmentation',
+                  overrides=dict(loss=_loss, class_targets='hierarchy', augment='auto'),
+                  from_scratch=True))
+
+# Prior knowledge as fewer inputs or fewer weights, for the smallest sizes: the base
+# loss with the default augmentation and one thing taken away. 20x20 keeps the 28x28
+# pipeline of `augment='auto'` (it changes at 16 pixels), so only the pixels differ.
+for _name, _what, _overrides in (
+    ('grey', 'the images in grey (colour dropped)', dict(channels=1)),
+    ('small_images', 'the images at 20x20 (half the pixels of 28x28)', dict(image_size=20)),
+    ('small_model', 'the model at half its width', dict(width=0.5))):
+  register(Method(_name, f'{_what}; the base loss and the default augmentation, from scratch',
+                  overrides=dict(_overrides, augment='auto'), from_scratch=True))
+
 register(Method('ensemble', 'the seeds of the from-scratch method best on validation, '
                 'averaged', 'ensemble'))

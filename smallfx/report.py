@@ -45,7 +45,9 @@ def summarise(study: cells_lib.Study, records: dict) -> list[dict]:
                'val_accuracy': curves.interval(rec['val_accuracy'])[0],
                'chosen': ' '.join(f'{k}={v:g}' for k, v in sorted(rec['chosen'].items())),
                'steps': rec['steps'], 'seconds': sum(rec['seconds'].values()),
-               'per_seed': dict(zip(rec['seeds'], rec['test_accuracy'])), 'of': ''}
+               'per_seed': dict(zip(rec['seeds'], rec['test_accuracy'])), 'of': '',
+               'hierarchy': {k: dict(zip(rec['seeds'], v))
+                             for k, v in rec.get('hierarchy', {}).items()}}
       if row is None:
         continue
       ref = records.get((REFERENCE, size))
@@ -71,14 +73,16 @@ def _ensemble_row(study, records, size) -> dict | None:
           'ensemble_accuracy': best['ensemble_accuracy'],
           'val_accuracy': curves.interval(best['val_accuracy'])[0],
           'chosen': ' '.join(f'{k}={v:g}' for k, v in sorted(best['chosen'].items())),
-          'steps': best['steps'], 'seconds': 0.0, 'per_seed': {}, 'of': best['method']}
+          'steps': best['steps'], 'seconds': 0.0, 'per_seed': {}, 'of': best['method'],
+          'hierarchy': {}}
 
 
 RESULT_COLUMNS = ('method', 'size', 'stage', 'seed', 'setting', 'chosen', 'diverged',
                   'val_accuracy', 'test_accuracy', 'steps', 'wall_seconds')
 SUMMARY_COLUMNS = ('method', 'size', 'kind', 'seeds', 'test_accuracy', 'std', 'ci95_low',
                    'ci95_high', 'ensemble_accuracy', 'lift_over_random_forest', 'val_accuracy',
-                   'chosen', 'ensemble_of', 'steps', 'wall_seconds')
+                   'chosen', 'ensemble_of', 'steps', 'wall_seconds', 'hierarchical_accuracy',
+                   'mistake_severity')
 
 
 def _csv(path: str, columns, rows) -> None:
@@ -120,7 +124,13 @@ def write_summary(path, summary) -> None:
       'ci95_low': r['test_accuracy'] - r['ci95'], 'ci95_high': r['test_accuracy'] + r['ci95'],
       'ensemble_accuracy': r['ensemble_accuracy'], 'lift_over_random_forest': r['lift'],
       'val_accuracy': r['val_accuracy'], 'chosen': r['chosen'], 'ensemble_of': r['of'],
-      'steps': r['steps'], 'wall_seconds': r['seconds']} for r in summary])
+      'steps': r['steps'], 'wall_seconds': r['seconds'],
+      'hierarchical_accuracy': _mean(r['hierarchy'].get('hierarchical_accuracy')),
+      'mistake_severity': _mean(r['hierarchy'].get('mistake_severity'))} for r in summary])
+
+
+def _mean(per_seed: dict | None) -> float:
+  return curves.interval(list((per_seed or {}).values()))[0]
 
 
 def plot(path_stem: str, study, summary, title: str) -> None:
@@ -278,6 +288,7 @@ def write_report(path, study, summary, records, meta: dict) -> None:
     lines = _ranking(summary, size)
     if lines:
       out += [f'## {size} per class', ''] + lines + ['']
+  out += _mistakes(study, summary)
   out += ['## How much more data', '',
           'A saturating power law err(n) = a n^-b + c is fitted per method to the mean test '
           'error; it earns a forecast only if, fitted without the largest size, it predicts '
@@ -305,6 +316,48 @@ def write_report(path, study, summary, records, meta: dict) -> None:
             'diverged member is left out of every figure, and a setting with one is chosen '
             'only when every setting has one.']
   _replace(path, '\n'.join(out) + '\n')
+
+
+def _mistakes(study, summary) -> list[str]:
+  """Per size, how wrong each method's mistakes are by the class hierarchy."""
+  rows = [r for r in summary if r['hierarchy']]
+  if not rows:
+    return []
+  names = list(rows[0]['hierarchy'])
+  out = ['## Mistakes, by the class hierarchy', '',
+         f'The hierarchy `{study.base.hierarchy}`. Hierarchical accuracy: the mean similarity '
+         'of predicted and true class (1 - height of their lowest common ancestor / height '
+         'of the tree; 1 when right). Mistake severity: the mean height of that ancestor '
+         'over the wrong predictions only (lower is better). Level d: the prediction has '
+         "the true class's ancestor d steps below the root. Hierarchical precision at k: "
+         "the similarities of the k top-ranked classes to the true one, summed, over the "
+         'best such sum. Mean ± sd over seeds; against the lowest severity: the paired '
+         f't-test over seeds, p < {ALPHA}.', '']
+  for size in study.sizes:
+    here = sorted([r for r in rows if r['size'] == size],
+                  key=lambda r: _mean(r['hierarchy']['mistake_severity']))
+    if not here:
+      continue
+    gentlest = here[0]
+    out += [f'### {size} per class', '',
+            '| method | top-1 | ' + ' | '.join(n.replace('_', ' ') for n in names)
+            + f' | severity against {gentlest["method"]} |',
+            '|---' * (len(names) + 3) + '|']
+    for r in here:
+      cells = [f"{r['test_accuracy']:.4f} ± {r['std']:.4f}"]
+      for n in names:
+        mean, sd, _ = curves.interval(list(r['hierarchy'][n].values()))
+        cells.append('-' if not np.isfinite(mean) else f'{mean:.3f} ± {sd:.3f}')
+      if r is gentlest:
+        verdict = 'lowest'
+      else:
+        p = curves.paired_p(gentlest['hierarchy']['mistake_severity'],
+                            r['hierarchy']['mistake_severity'])
+        verdict = ('untested' if not np.isfinite(p) else
+                   f'higher (p={p:.3f})' if p < ALPHA else f'no difference (p={p:.2f})')
+      out.append(f"| {r['method']} | " + ' | '.join(cells) + f' | {verdict} |')
+    out.append('')
+  return out
 
 
 def _ties(record, val_labels) -> str:

@@ -51,6 +51,9 @@ def summarise(grid: members.Grid, hyperparams: dict, val: dict, test: dict,
         'test_accuracy': value(test['accuracy'][m]) if ok else None,
         'test_loss': value(test['loss'][m]) if ok else None,
     })
+    if 'hierarchy' in test:
+      rows[-1]['test_hierarchy'] = {k: _finite_or_none(v[m]) if ok else None
+                                    for k, v in test['hierarchy'].items()}
   settings = []
   for s, setting in enumerate(grid.settings):
     live = live_members(grid, s, diverged)
@@ -60,7 +63,12 @@ def summarise(grid: members.Grid, hyperparams: dict, val: dict, test: dict,
                                       if live and val else None)})
   live = live_members(grid, chosen, diverged)
   test_acc = test['accuracy'][live]
-  return {
+  out = {} if 'hierarchy' not in test else {
+      # Mean over the chosen setting's seeds (mistake severity: over those that erred).
+      'test_hierarchy': {k: _finite_or_none(np.nanmean(v[live]) if np.isfinite(v[live]).any()
+                                            else np.nan)
+                         for k, v in test['hierarchy'].items()}}
+  return {**out,
       'test_accuracy': float(np.mean(test_acc)),
       'test_loss': float(np.mean(test['loss'][live])),
       'test_accuracy_per_seed': [float(a) for a in test_acc],
@@ -75,6 +83,10 @@ def summarise(grid: members.Grid, hyperparams: dict, val: dict, test: dict,
       'settings': settings,
       'members': rows,
   }
+
+
+def _finite_or_none(x):
+  return float(x) if np.isfinite(x) else None
 
 
 def versions() -> dict:
@@ -96,6 +108,11 @@ def summary_line(results: dict, workdir: str) -> str:
   chosen = results.get('chosen_setting', {}).get('values')
   if chosen:
     acc += ' | chosen on validation: ' + ', '.join(f'{k}={v:g}' for k, v in chosen.items())
+  tree = results.get('test_hierarchy')
+  if tree:
+    severity = tree.get('mistake_severity')
+    acc += (f" | hierarchical accuracy {tree['hierarchical_accuracy']:.4f}, mistake severity "
+            + ('-' if severity is None else f'{severity:.3f}'))
   diverged = len(results.get('diverged_members', []))
   if diverged:
     acc += f" | {diverged} of {results['num_members']} members diverged"

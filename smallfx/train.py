@@ -52,7 +52,7 @@ def make_train_step(layout: members.Layout, exp: experiment.Experiment,
   data_axis = 0 if exp.resample_per_seed else None
   draw = functools.partial(steps_lib.draw_batch, batch_size=exp.batch_size,
                            num_classes=num_classes, augment=setup.augment, mean=mean, std=std)
-  update = functools.partial(steps_lib.update, model=setup.model, loss=exp.loss, tx=setup.tx,
+  update = functools.partial(steps_lib.update, model=setup.model, loss=setup.loss, tx=setup.tx,
                              unit_schedule=setup.unit_schedule)
 
   def step(state, images_u8, labels):
@@ -82,7 +82,7 @@ class Run:
                            self.dataset.num_classes, self.mean, self.std, steps=steps)
 
   def eval_step(self):
-    return evaluation.make_eval_step(self.layout, self.setup.model, self.exp.loss,
+    return evaluation.make_eval_step(self.layout, self.setup.model, self.setup.loss,
                                      self.dataset.num_classes, self.mean, self.std)
 
   def initializer(self):
@@ -134,7 +134,7 @@ def set_up(config: ml_collections.ConfigDict, exp: experiment.Experiment | None 
   layout = members.make_layout(exp.num_members, exp.member_devices)
   dataset = data_lib.load(exp.data)
   setup = experiment.build(exp, dataset.num_classes, len(dataset.train.labels),
-                           dataset.image_shape)
+                           dataset.image_shape, dataset.class_names)
   if exp.batch_size % layout.data_devices:
     raise UserError(f'batch_size={exp.batch_size} must be a multiple of the '
                     f'{layout.data_devices} devices that split it')
@@ -170,7 +170,7 @@ def _train_and_evaluate(config, exp: experiment.Experiment, workdir: str) -> dic
   layout, dataset, setup = run.layout, run.dataset, run.setup
   experiment.write_config(config, workdir, setup.augment_spec)
   if jax.process_index() == 0:
-    checkpoint.write_model_spec(workdir, _model_spec(exp, dataset, run.mean, run.std))
+    checkpoint.write_model_spec(workdir, _model_spec(exp, setup, dataset, run.mean, run.std))
 
   # Init or restore.
   init, abstract = run.initializer()
@@ -235,7 +235,8 @@ def _train_and_evaluate(config, exp: experiment.Experiment, workdir: str) -> dic
       if step == total:
         mngr.wait_until_finished()
     if eval_now and len(dataset.val.labels):
-      val = evaluation.evaluate(eval_step, parts, dataset.val, exp.eval_batch_size)
+      val = evaluation.evaluate(eval_step, parts, dataset.val, exp.eval_batch_size,
+                                tree=setup.tree)
       scalars.update(_member_scalars('val', val, diverged))
       shown['val_acc'] = f"{scalars['val/accuracy']:.3f}"
     writer.write(step, scalars)
@@ -249,12 +250,14 @@ def _train_and_evaluate(config, exp: experiment.Experiment, workdir: str) -> dic
   # Evaluate: validation chooses a setting, the test set reports it.
   diverged = np.asarray(members.fetch(layout.join(parts).diverged))
   if not val and len(dataset.val.labels):  # a resumed run that had finished training
-    val = evaluation.evaluate(eval_step, parts, dataset.val, exp.eval_batch_size)
+    val = evaluation.evaluate(eval_step, parts, dataset.val, exp.eval_batch_size,
+                              tree=setup.tree)
   chosen = results_lib.choose(exp.grid, val['accuracy'] if val else np.zeros(exp.num_members),
                               diverged)
   ensembles = {str(s): results_lib.live_members(exp.grid, s, diverged)
                for s in range(len(exp.grid.settings))}
-  test = evaluation.evaluate(eval_step, parts, dataset.test, exp.eval_batch_size, ensembles)
+  test = evaluation.evaluate(eval_step, parts, dataset.test, exp.eval_batch_size, ensembles,
+                             setup.tree)
   if not writer.has_step(step, 'test/accuracy'):
     writer.write(step, _member_scalars('test', test, diverged))
   writer.close()
@@ -281,7 +284,7 @@ def _train_and_evaluate(config, exp: experiment.Experiment, workdir: str) -> dic
   if jax.process_index() == 0:
     # Prediction averages the chosen setting's live members, not every member.
     checkpoint.write_model_spec(workdir, {
-        **_model_spec(exp, dataset, run.mean, run.std),
+        **_model_spec(exp, setup, dataset, run.mean, run.std),
         'members': results_lib.live_members(exp.grid, chosen, diverged)})
     with open(results_path + '.tmp', 'w') as f:
       json.dump(results, f, indent=1)
@@ -312,15 +315,18 @@ def _window_scalars(window: dict, diverged: np.ndarray) -> dict:
 
 
 def _member_scalars(prefix: str, result: dict, diverged: np.ndarray) -> dict:
-  """A split's accuracy and loss: mean over live members, and per member."""
+  """A split's accuracy, loss and hierarchy metrics: mean over live members, and per member."""
   live = ~diverged
   out = {}
-  for name in ('accuracy', 'loss'):
-    values = np.asarray(result[name])
-    out[f'{prefix}/{name}'] = float(np.mean(values[live]))
+  for name, values in [('accuracy', result['accuracy']), ('loss', result['loss']),
+                       *result.get('hierarchy', {}).items()]:
+    values = np.asarray(values)
+    if not np.isfinite(values[live]).any():  # no mistakes: no mistake severity
+      continue
+    out[f'{prefix}/{name}'] = float(np.nanmean(values[live]))
     if len(values) > 1:
       out.update({f'{prefix}/{name}/m{m}': float(values[m])
-                  for m in range(len(values)) if live[m]})
+                  for m in range(len(values)) if live[m] and np.isfinite(values[m])})
   return out
 
 
@@ -351,14 +357,16 @@ def _normalisation(dataset, pretrained_spec):
           np.maximum(train_float.std(axis=(0, 1, 2)), 1e-3))
 
 
-def _model_spec(exp, dataset, mean, std) -> dict:
+def _model_spec(exp, setup, dataset, mean, std) -> dict:
   num_classes = dataset.num_classes
+  targets = setup.tree.embedding.tolist() if exp.class_targets == 'hierarchy' else None
   return {'model': exp.model, 'width': exp.width, 'dtype': exp.dtype,
           'num_outputs': exp.embedding_dim or num_classes,
           'num_classes': num_classes if exp.loss.needs_classifier else 0,
           'loss': exp.loss.name, 'image_size': list(dataset.image_shape[:2]),
           'channels': len(mean), 'mean': mean.tolist(), 'std': std.tolist(),
-          'class_names': dataset.class_names, 'class_embeddings': None,
+          'class_names': dataset.class_names, 'class_embeddings': targets,
+          'hierarchy': exp.hierarchy or None,
           'num_seeds': exp.num_members}
 
 
