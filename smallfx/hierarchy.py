@@ -116,22 +116,13 @@ class ClassTree:
   def embedding(self) -> np.ndarray:
     return embedding(self.similarity)
 
-  @property
-  def metric_names(self) -> list[str]:
-    k = min(PRECISION_AT, len(self.class_names))
-    return (['hierarchical_accuracy', 'mistake_severity']
-            + [f'level{d}_accuracy' for d in range(1, len(self.levels) + 1)]
-            + [f'hierarchical_precision@{k}'])
-
-
 def for_classes(tree: Hierarchy, class_names) -> ClassTree:
   """`tree` over a dataset's classes: every class a leaf of it, every leaf a class."""
   class_names = list(class_names)
   where = f'hierarchy {tree.path}'
   missing = [c for c in class_names if c not in tree.height]
   if missing:
-    raise UserError(f'{where} lacks {len(missing)} class(es) of the data: '
-                    f'{", ".join(map(repr, missing[:5]))}{" ..." if len(missing) > 5 else ""} '
+    raise UserError(f'{where} lacks {len(missing)} class(es) of the data: {_some(missing)} '
                     '(names as the data source gives them; quote those with spaces)')
   inner = [c for c in class_names if c in tree.children]
   if inner:
@@ -141,8 +132,7 @@ def for_classes(tree: Hierarchy, class_names) -> ClassTree:
   if strangers:
     name = strangers[0]
     raise UserError(f'{where}, line {tree.line_of[name]}: {name!r} is neither a class of the '
-                    'data nor an inner node (classes: '
-                    f'{", ".join(map(repr, class_names[:5]))}{" ..." if len(class_names) > 5 else ""})')
+                    f'data nor an inner node (classes: {_some(class_names)})')
   if len(class_names) < 2:
     raise UserError(f'{where}: a hierarchy needs at least two classes')
   paths = [tree.ancestry(c) for c in class_names]
@@ -159,6 +149,10 @@ def for_classes(tree: Hierarchy, class_names) -> ClassTree:
   levels = np.array([[node_ids.setdefault(p[min(d, len(p) - 1)], len(node_ids))
                       for p in paths] for d in range(1, depth)], np.int64).reshape(-1, n)
   return ClassTree(tuple(class_names), lca, tree.height[tree.root], levels)
+
+
+def _some(names, shown: int = 5) -> str:
+  return ', '.join(map(repr, names[:shown])) + (' ...' if len(names) > shown else '')
 
 
 def load(path: str, class_names) -> ClassTree:
