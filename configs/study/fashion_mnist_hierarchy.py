@@ -7,7 +7,11 @@ The base experiment of configs/study/fashion_mnist.py (SmallCNN, at most 2,000 s
 the same grid and seeds) with hierarchies/fashion_mnist.txt, so that every trained
 method, one-hot ones included, reports hierarchical accuracy and mistake severity
 beside top-1. Needs the Fashion-MNIST IDX files (`apt-get install dataset-fashion-mnist`).
-About 3-4 min per cell on 2 CPU cores. Result: experiments/hierarchy/README.md.
+5-8 min per trained cell on 2 CPU cores (2026-12-06, AMD EPYC): 10 and 50 per class
+for every method, 250 for the baselines and the hierarchy's methods, about 2 h in all.
+Result (experiments/hierarchy/README.md): the hierarchy's targets leave top-1 and mistake
+severity where one-hot targets have them at 10 and 50 per class, cost a point of top-1
+at 250, and lift hierarchical precision at 5 from 0.77-0.98 to 0.97-0.99 at every size.
 """
 
 import importlib.util
