@@ -18,7 +18,6 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import tqdm
 
 from smallfx import checkpoint
@@ -209,7 +208,7 @@ def _pretrain(exp: experiment.Experiment, images: np.ndarray, folder: str) -> No
       writer.write(step, scalars)
       bar.set_postfix(loss=f'{scalars["pretrain/loss"]:.4f}')
       if save or step == phase.end:
-        mngr.save(step, args=ocp.args.StandardSave(layout.join(parts)))
+        checkpoint.save(mngr, step, layout.join(parts))
       window, window_start = [], time.perf_counter()
   bar.close()
   mngr.wait_until_finished()

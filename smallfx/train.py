@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import tqdm
 
 from smallfx import baseline as baseline_lib
@@ -231,7 +230,7 @@ def _train_and_evaluate(config, exp: experiment.Experiment, workdir: str) -> dic
     scalars['train/wall_seconds'] = wall_before = wall_before + elapsed
     pending = []
     if save_now:  # before evaluating, so that a failing evaluation never costs the training
-      mngr.save(step, args=ocp.args.StandardSave(layout.join(parts)))
+      checkpoint.save(mngr, step, layout.join(parts))
       if step == total:
         mngr.wait_until_finished()
     if eval_now and len(dataset.val.labels):
