@@ -65,9 +65,7 @@ def summarise(grid: members.Grid, hyperparams: dict, val: dict, test: dict,
   test_acc = test['accuracy'][live]
   out = {} if 'hierarchy' not in test else {
       # Mean over the chosen setting's seeds (mistake severity: over those that erred).
-      'test_hierarchy': {k: _finite_or_none(np.nanmean(v[live]) if np.isfinite(v[live]).any()
-                                            else np.nan)
-                         for k, v in test['hierarchy'].items()}}
+      'test_hierarchy': {k: _finite_mean(v[live]) for k, v in test['hierarchy'].items()}}
   return {**out,
       'test_accuracy': float(np.mean(test_acc)),
       'test_loss': float(np.mean(test['loss'][live])),
@@ -87,6 +85,12 @@ def summarise(grid: members.Grid, hyperparams: dict, val: dict, test: dict,
 
 def _finite_or_none(x):
   return float(x) if np.isfinite(x) else None
+
+
+def _finite_mean(values):
+  """The mean of the finite values, or None where there are none."""
+  finite = values[np.isfinite(values)]
+  return float(finite.mean()) if len(finite) else None
 
 
 def versions() -> dict:
