@@ -14,7 +14,6 @@ import datetime
 import hashlib
 import json
 import os
-import socket
 import time
 
 import ml_collections
@@ -182,9 +181,11 @@ def cell_config(study: Study, cell: Cell, stage: str, chosen: dict) -> ml_collec
 def fingerprint(study: Study, cell: Cell) -> str:
   """What a cell's runs depend on: its configs and the seeds; a record must match it."""
   configs = [cell_config(study, cell, stage, {}).to_dict() for stage in stages(study, cell.method)]
-  configs = [c if c['pretrain'] else {k: v for k, v in c.items()
-                                      if k not in config_lib.PRETRAINING_FIELDS}
-             for c in configs]
+  # A stage that does not use a group of fields leaves them out.
+  for switch, fields in (('pretrain', config_lib.PRETRAINING_FIELDS),
+                         ('generative', config_lib.GENERATIVE_FIELDS)):
+    configs = [c if c[switch] else {k: v for k, v in c.items() if k not in fields}
+               for c in configs]
   later = config_lib.LATER_FIELDS
   configs = [{k: v for k, v in c.items() if k not in later or v != later[k]} for c in configs]
   text = json.dumps([configs, study.seeds, study.tune_seeds, cell.method.kind],
@@ -207,11 +208,7 @@ def read(study: Study, cell: Cell) -> dict | None:
 
 
 def _write(study: Study, cell: Cell, record: dict) -> None:
-  path = os.path.join(cell.folder(study), 'cell.json')
-  tmp = f'{path}.{socket.gethostname()}.{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp, path)
+  checkpoint.write_json(os.path.join(cell.folder(study), 'cell.json'), record)
 
 
 def run(study: Study, cell: Cell) -> dict:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -81,12 +82,17 @@ def finish_saves() -> None:
       pass  # a save that fails now leaves only its temporary folder, which Orbax ignores
 
 
+def write_json(path: str, data) -> None:
+  """Writes `data` to `path` whole or not at all (a temporary file of this process, renamed)."""
+  tmp = f'{path}.{socket.gethostname()}.{os.getpid()}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(data, f, indent=1)
+  os.replace(tmp, path)
+
+
 def write_model_spec(workdir: str, spec: dict[str, Any]) -> None:
   os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, MODEL_SPEC + '.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(spec, f, indent=1)
-  os.replace(tmp, os.path.join(workdir, MODEL_SPEC))
+  write_json(os.path.join(workdir, MODEL_SPEC), spec)
 
 
 def read_model_spec(workdir: str) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """The defaults every config starts from; `configs/*.py` change what they study."""
 
+import importlib.util
+import os
+
 import ml_collections
 
 # Scalar hyperparameters of the step that a sweep may vary (`--config.sweep.NAME=a,b`).
@@ -10,6 +13,8 @@ SWEEPABLE = ('learning_rate', 'weight_decay', 'momentum', 'label_smoothing',
 # The fields a run without `pretrain` never reads (a study cell's fingerprint leaves
 # them out there, so records written before they existed still match).
 PRETRAINING_FIELDS = ('pretrain', 'unlabelled', 'pretraining')
+# ... and the fields a run without `generative` never reads.
+GENERATIVE_FIELDS = ('generative', 'gan')
 # Fields a study cell's fingerprint leaves out while they hold these defaults, for the
 # same reason.
 LATER_FIELDS = {'hierarchy': '', 'class_targets': 'onehot'}
@@ -64,6 +69,30 @@ def default() -> ml_collections.ConfigDict:
       'temperature': 0.5,      # simclr's NT-Xent
       'projection_dim': 64,    # simclr's projection head
       'checkpoint_every_steps': 500,
+  })
+
+  # Generative augmentation (smallfx/generative.py): 'dada' trains a class-conditional
+  # GAN whose discriminator (the run's model, two outputs per class, loss 'dada') then
+  # trains on as the classifier, on real and generated images; 'cgan_augment' trains
+  # the GAN, then the run's own model and loss on real plus generated images.
+  c.generative = ''
+  c.gan = ml_collections.ConfigDict({
+      'steps': 1000,           # phase 1: iterations of one discriminator step + g_steps
+      'batch_size': 64,        # real images per iteration (as many generated)
+      'learning_rate': 3e-4,   # Adam for both networks, DADA's
+      'b1': 0.5,
+      'g_steps': 2,            # generator steps per discriminator step (DADA: 2)
+      'z_dim': 100,
+      'width': 1.0,            # the generator's channels (1.0: 256, 128 at 28x28)
+      'feature_matching': 0.5,  # weight of the generator's feature-matching term
+      'input_noise': 0.2,      # Gaussian noise on the discriminator's input (normalised units)
+      'ratio': 0.0,            # phase 2: generated images per real one; 0: the method's own
+      'discriminator': '',     # cgan_augment: its backbone; '': the run's model
+      # A class whose generated images vary less than this (mean pixel std, [0, 1]
+      # units) stops the run as collapsed; Fashion-MNIST's real classes: 0.13-0.27.
+      'min_spread': 0.01,
+      'checkpoint_every_steps': 500,
+      'sample_every_steps': 250,  # TensorBoard pictures of generated images
   })
 
   # Optimisation. Durations: `num_steps` if > 0, else `num_epochs` over the training
@@ -138,3 +167,13 @@ def study() -> ml_collections.ConfigDict:
   # Free text the report repeats under Setup: where the durations and pipelines come from.
   c.notes = ''
   return c
+
+
+def sibling(config_file: str, name: str):
+  """The config module `name`.py in the folder of `config_file`: for a config that
+  builds on another (configs are files, not an importable package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -24,6 +24,7 @@ from smallfx import checkpoint
 from smallfx import config as config_lib
 from smallfx import convert
 from smallfx import data as data_lib
+from smallfx import generative as generative_lib
 from smallfx import hierarchy as hierarchy_lib
 from smallfx import losses
 from smallfx import members
@@ -90,6 +91,7 @@ class Experiment:
   embedding_dim: int
   pretrained: str
   pretraining: pretext.Pretraining | None  # `pretrain`: a backbone from unlabelled images first
+  generative: generative_lib.Gan | None     # `generative`: a GAN first, its images join training
   freeze_bn: bool
   resample_per_seed: bool
   baseline: str
@@ -123,6 +125,8 @@ class Setup:
   tx: optax.GradientTransformation
   unit_schedule: optax.Schedule
   total_steps: int
+  # (generator variables, key) -> (images, labels) added to each batch (`generative`).
+  generated: Callable | None = None
 
 
 def _check_range(name: str, value) -> None:
@@ -199,6 +203,11 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
   if config.augment != 'auto':
     augment_lib.build(config.augment)  # a bad pipeline fails here, before any data is read
   _check_class_targets(config)
+  gan = generative_lib.Gan.from_config(config)
+  if gan and gan.discriminator not in models.BACKBONES:
+    raise unknown('gan.discriminator', gan.discriminator, models.BACKBONES)
+  if config.loss == 'dada' and config.embedding_dim:
+    raise UserError("loss 'dada' has two outputs per class; leave --config.embedding_dim at 0")
   return Experiment(
       data=data_lib.Spec.from_config(config), model=config.model, width=float(config.width),
       dtype=config.dtype, loss=losses.get(config.loss), hierarchy=config.hierarchy,
@@ -208,7 +217,7 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
       num_steps=int(config.num_steps), num_epochs=float(config.num_epochs),
       max_steps=int(config.max_steps),
       embedding_dim=int(config.embedding_dim), pretrained=config.pretrained,
-      pretraining=pretraining,
+      pretraining=pretraining, generative=gan,
       freeze_bn=bool(config.freeze_bn), resample_per_seed=bool(config.resample_per_seed),
       baseline=config.baseline, member_devices=int(config.member_devices),
       steps_per_dispatch=int(config.steps_per_dispatch), cpu_tuning=bool(config.cpu_tuning),
@@ -255,13 +264,16 @@ def build(exp: Experiment, num_classes: int, train_size: int, image_shape,
                     f'({train_size} images); lower --config.batch_size')
   total_steps = exp.total_steps(train_size)
   tx, unit = optim.make(exp.optimizer, total_steps, exp.hyperparams)
-  model = models.build(exp.model, exp.embedding_dim or num_classes,
+  model = models.build(exp.model, exp.embedding_dim or num_classes * loss.outputs_per_class,
                        num_classes if exp.loss.needs_classifier else 0, exp.width,
                        DTYPES[exp.dtype],
                        freeze_backbone_bn=bool(exp.pretrained or exp.pretraining) and (
                            exp.freeze_bn or exp.optimizer.finetune == 'linear'))
   spec = augment_spec(exp, image_shape)
-  return Setup(model, loss, tree, augment_lib.build(spec), spec, tx, unit, total_steps)
+  generated = exp.generative and generative_lib.sampler(exp.generative, image_shape,
+                                                        num_classes, exp.batch_size)
+  return Setup(model, loss, tree, augment_lib.build(spec), spec, tx, unit, total_steps,
+               generated or None)
 
 
 def augment_spec(exp: Experiment, image_shape) -> str:
@@ -339,6 +351,4 @@ def write_config(config, workdir: str, augment_spec: str) -> None:
   if jax.process_index() == 0 and not os.path.exists(path):
     resolved = json.loads(config.to_json(sort_keys=True))
     resolved['augment'] = augment_spec
-    with open(path + '.tmp', 'w') as f:
-      json.dump(resolved, f, indent=1)
-    os.replace(path + '.tmp', path)
+    checkpoint.write_json(path, resolved)

@@ -54,6 +54,7 @@ class Loss:
   _per_example: Callable[[dict, jax.Array, dict], jax.Array]
   scores: Callable[[dict], jax.Array]  # class logits: argmax = prediction
   needs_classifier: bool = False       # the model must emit outputs['logits']
+  outputs_per_class: int = 1           # 'output' holds this many blocks of one per class
 
   def per_example(self, outputs: dict, labels: jax.Array,
                   hyperparams: Optional[dict] = None) -> jax.Array:
@@ -62,6 +63,12 @@ class Loss:
 
 def _targets(labels, class_embeddings):
   return labels if class_embeddings is None else labels @ class_embeddings
+
+
+def pair_sum(logits):
+  """DADA's class logits: output k (real of class k) plus output K + k (fake of class k)."""
+  k = logits.shape[-1] // 2
+  return logits[..., :k] + logits[..., k:]
 
 
 def _cosine_scores(outputs, class_embeddings):
@@ -86,6 +93,9 @@ LOSSES: dict[str, Callable[[Optional[jax.Array]], Loss]] = {
         lambda o, y, h: (cosine(o['output'], _targets(y, e))
                          + h['cosine_xent_weight'] * xent(o['logits'], y)),
         lambda o: o['logits'], needs_classifier=True),
+    # DADA's classifier (smallfx.generative): two outputs per class, scored by their sum.
+    'dada': lambda e: Loss('dada', lambda o, y, h: xent(pair_sum(o['output']), y),
+                           lambda o: pair_sum(o['output']), outputs_per_class=2),
 }
 NAMES = LOSSES.keys()  # a live view: never a list kept by hand beside the table
 

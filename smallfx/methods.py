@@ -137,5 +137,21 @@ for _name, _what, _overrides in (
   register(Method(_name, f'{_what}; the base loss and the default augmentation, from scratch',
                   overrides=dict(_overrides, augment='auto'), from_scratch=True))
 
+# Generative augmentation (smallfx.generative): a class-conditional GAN per seed, trained
+# first on the labelled images; its images then join every batch. dada's discriminator
+# goes on as the classifier (loss 'dada', DADA's recipe: compare with xent+aug);
+# cgan_augment+aug adds half as many generated images to the base loss with the default
+# augmentation (compare with its +aug method). Augmentation applies to real images only.
+for _name, _what, _overrides in (
+    ('dada', 'DADA: a GAN whose 2K-output discriminator then trains on as the classifier on '
+     'real and as many generated images, no augmentation', dict(generative='dada', loss='dada',
+                                                               augment='none')),
+    ('dada+aug', "DADA with the dataset's default augmentation on the real images",
+     dict(generative='dada', loss='dada', augment='auto')),
+    ('cgan_augment+aug', 'a class-conditional GAN first; then the base loss, the default '
+     'augmentation, and 1 generated image per 2 real', dict(generative='cgan_augment',
+                                                            augment='auto'))):
+  register(Method(_name, _what, overrides=_overrides))
+
 register(Method('ensemble', 'the seeds of the from-scratch method best on validation, '
                 'averaged', 'ensemble'))

@@ -43,6 +43,11 @@ class Writer:
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, step)
 
+  def image(self, step: int, tag: str, picture) -> None:
+    """A uint8 picture (H, W, C) in TensorBoard's images."""
+    if self.enabled:
+      self._tb.add_image(tag, picture, step)
+
   def column(self, name: str) -> list[float]:
     """Every value of `name` logged in this run, resumed parts included."""
     return [row[name] for row in self.rows if name in row]
@@ -82,6 +87,18 @@ class EventWriter:
 
   def add_scalar(self, tag: str, value: float, step: int) -> None:
     value = self._summary.Summary.Value(tag=tag, simple_value=float(value))
+    self._writer.add_event(self._event.Event(
+        step=int(step), wall_time=time.time(), summary=self._summary.Summary(value=[value])))
+
+  def add_image(self, tag: str, picture, step: int) -> None:
+    import io  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    png = io.BytesIO()
+    Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(png, 'PNG')
+    image = self._summary.Summary.Image(height=picture.shape[0], width=picture.shape[1],
+                                        colorspace=picture.shape[2],
+                                        encoded_image_string=png.getvalue())
+    value = self._summary.Summary.Value(tag=tag, image=image)
     self._writer.add_event(self._event.Event(
         step=int(step), wall_time=time.time(), summary=self._summary.Summary(value=[value])))
 

@@ -219,8 +219,6 @@ def _pretrain(exp: experiment.Experiment, images: np.ndarray, folder: str) -> No
                'final_loss': writer.last('pretrain/loss'), 'wall_seconds': wall,
                'images_per_sec': float(np.median(writer.column('pretrain/images_per_sec'))),
                'unlabelled_images': int(len(images)), 'seeds': seeds}
-    with open(os.path.join(folder, 'results.json.tmp'), 'w') as f:
-      json.dump(results, f, indent=1)
-    os.replace(os.path.join(folder, 'results.json.tmp'), os.path.join(folder, 'results.json'))
+    checkpoint.write_json(os.path.join(folder, 'results.json'), results)
     print(f'pretrained {spec.method}: loss {results["final_loss"]:.4f} after {step} steps on '
           f'{len(images)} unlabelled images, {wall:.0f} s', file=sys.stderr)

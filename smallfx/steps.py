@@ -9,6 +9,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from smallfx import optim
@@ -23,6 +24,8 @@ class TrainState:
   opt_state: Any     # holds the member's hyperparameters (optim.hyperparams)
   rng: jax.Array     # raw uint32 key data, so that checkpoints hold plain arrays
   diverged: jax.Array  # bool: frozen since its loss or gradients became non-finite
+  # A frozen generator's variables (smallfx.generative): its images join each batch.
+  generator: Any = None
 
 
 def normalise(images_u8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
@@ -87,9 +90,19 @@ def update(state: TrainState, images: jax.Array, labels: jax.Array, *, model, lo
       diverged=diverged), metrics
 
 
+def pixel_stats(images_u8):
+  """Per-channel mean and std of uint8 images in [0, 1] units: the inputs' normalisation."""
+  x = images_u8.astype(np.float32) / 255.0
+  return x.mean(axis=(0, 1, 2)), np.maximum(x.std(axis=(0, 1, 2)), 1e-3)
+
+
 def draw_batch(state: TrainState, images_u8, labels, *, batch_size, num_classes, augment,
-               mean, std):
-  """The batch of this step: a slice of this epoch's permutation, augmented, normalised."""
+               mean, std, generated=None):
+  """The batch of this step: a slice of this epoch's permutation, augmented, normalised.
+
+  `generated(generator variables, key) -> (images in [0, 1], one-hot labels)` appends
+  the member's generated images, after the augmentation, which is for real images.
+  """
   n = labels.shape[0]
   steps_per_epoch = n // batch_size
   epoch, i = jnp.divmod(state.step, steps_per_epoch)
@@ -98,6 +111,10 @@ def draw_batch(state: TrainState, images_u8, labels, *, batch_size, num_classes,
   x = images_u8[idx].astype(jnp.float32) / 255.0
   y = jax.nn.one_hot(labels[idx], num_classes)
   x, y = augment(jax.random.fold_in(jax.random.fold_in(key, 1 << 30), state.step), x, y)
+  if generated is not None:
+    x_g, y_g = generated(state.generator,
+                         jax.random.fold_in(jax.random.fold_in(key, 1 << 28), state.step))
+    x, y = jnp.concatenate([x, x_g.astype(x.dtype)]), jnp.concatenate([y, y_g])
   return (x - mean) / std, y
 
 

@@ -24,6 +24,8 @@ from smallfx import convert
 from smallfx import data as data_lib
 from smallfx import evaluation
 from smallfx import experiment
+from smallfx import gan as gan_lib
+from smallfx import generative as generative_lib
 from smallfx import malloc
 from smallfx import members
 from smallfx import metrics as metrics_lib
@@ -50,7 +52,8 @@ def make_train_step(layout: members.Layout, exp: experiment.Experiment,
   """
   data_axis = 0 if exp.resample_per_seed else None
   draw = functools.partial(steps_lib.draw_batch, batch_size=exp.batch_size,
-                           num_classes=num_classes, augment=setup.augment, mean=mean, std=std)
+                           num_classes=num_classes, augment=setup.augment, mean=mean, std=std,
+                           generated=setup.generated)
   update = functools.partial(steps_lib.update, model=setup.model, loss=setup.loss, tx=setup.tx,
                              unit_schedule=setup.unit_schedule)
 
@@ -75,6 +78,7 @@ class Run:
   std: np.ndarray
   pretrained: Any = None  # the backbone's variables, when fine-tuning
   pretrained_seeds: int = 0  # > 0: `pretrained` holds one backbone per seed (smallfx.pretrain)
+  gan: Any = None  # generative: {'generator', 'discriminator'} per seed (smallfx.gan.load)
 
   def train_step(self, steps: int = 1, layout: members.Layout | None = None):
     return make_train_step(layout or self.layout, self.exp, self.setup,
@@ -89,12 +93,25 @@ class Run:
     hyperparams = experiment.member_hyperparams(self.exp)
     keys = members.seed_keys(self.exp.seed, self.exp.grid)
     shape = (*self.dataset.image_shape[:2], len(self.mean))
-    init = jax.vmap(lambda k, h: steps_lib.init_state(self.setup.model, self.setup.tx, shape,
-                                                      k, h))
-    jitted, abstract = self.layout.init(lambda k: init(k, hyperparams), keys)
+    def member(k, h):
+      state = steps_lib.init_state(self.setup.model, self.setup.tx, shape, k, h)
+      if not self.exp.generative:
+        return state
+      return state.replace(generator=generative_lib.init_generator(
+          self.exp.generative, self.dataset.image_shape, self.dataset.num_classes, k))
+
+    jitted, abstract = self.layout.init(lambda k: jax.vmap(member)(k, hyperparams), keys)
 
     def fresh():
       state = jitted(keys)
+      if self.gan is not None:
+        # Member m: its seed's generator, and with dada its discriminator as the classifier.
+        gan = self._per_member(self.gan, self.exp.grid.num_seeds)
+        state = state.replace(generator=gan['generator'])
+        if self.exp.generative.method == 'dada':
+          state = state.replace(params=gan['discriminator']['params'],
+                                batch_stats=gan['discriminator']['batch_stats'])
+        state = self.layout.place(state)
       if self.pretrained is None:
         return state
       # Optimiser state (momenta, zeros) does not depend on the parameter values.
@@ -110,9 +127,12 @@ class Run:
     """The pretrained variables; one backbone per seed: member m gets its seed's."""
     if not self.pretrained_seeds:
       return self.pretrained
-    pick = np.array([self.exp.grid.seed_of(m) % self.pretrained_seeds
-                     for m in range(self.exp.num_members)])
-    return jax.tree.map(lambda x: x[pick], self.pretrained)
+    return self._per_member(self.pretrained, self.pretrained_seeds)
+
+  def _per_member(self, tree, seeds: int):
+    """`tree`'s leading seed axis as a member axis: member m gets its seed's."""
+    pick = np.array([self.exp.grid.seed_of(m) % seeds for m in range(self.exp.num_members)])
+    return jax.tree.map(lambda x: x[pick], tree)
 
   def training_data(self):
     """The training split on the devices: one copy for all, or a sub-sample per member."""
@@ -127,8 +147,12 @@ class Run:
                            np.stack([s.labels for s in splits])), self.layout.state_sharding)
 
 
-def set_up(config: ml_collections.ConfigDict, exp: experiment.Experiment | None = None) -> Run:
-  """Devices, platform tuning, data, model and optimiser of `config`'s experiment."""
+def set_up(config: ml_collections.ConfigDict, exp: experiment.Experiment | None = None,
+           gan: Any = None) -> Run:
+  """Devices, platform tuning, data, model and optimiser of `config`'s experiment.
+
+  `gan`: the GANs of a generative run (`smallfx.gan.load`).
+  """
   exp = exp or experiment.resolve(config)
   layout = members.make_layout(exp.num_members, exp.member_devices)
   dataset = data_lib.load(exp.data)
@@ -137,12 +161,15 @@ def set_up(config: ml_collections.ConfigDict, exp: experiment.Experiment | None 
   if exp.batch_size % layout.data_devices:
     raise UserError(f'batch_size={exp.batch_size} must be a multiple of the '
                     f'{layout.data_devices} devices that split it')
+  if exp.generative and exp.generative.generated_per_batch(exp.batch_size) % layout.data_devices:
+    raise UserError(f'gan.ratio={exp.generative.ratio} x batch_size={exp.batch_size} generated '
+                    f'images must be a multiple of the {layout.data_devices} devices that split them')
   pretrained, pretrained_spec = experiment.load_pretrained(exp)
   mean, std = _normalisation(dataset, pretrained_spec)
   # Once every check has passed: the oneDNN build, if any, says so here.
   tuning.prepare(layout.platform, exp.cpu_tuning)
   return Run(exp, layout, dataset, setup, mean, std, pretrained,
-             (pretrained_spec or {}).get('pretrained_seeds', 0))
+             (pretrained_spec or {}).get('pretrained_seeds', 0), gan)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -165,7 +192,11 @@ def _train_and_evaluate(config, exp: experiment.Experiment, workdir: str) -> dic
 
   if exp.pretraining:
     exp = pretrain_lib.run(config, exp, workdir)
-  run = set_up(config, exp)
+  gan = None
+  if exp.generative:
+    gan_lib.run(config, exp, workdir, data_lib.load(exp.data))
+    gan = gan_lib.load(workdir)
+  run = set_up(config, exp, gan)
   layout, dataset, setup = run.layout, run.dataset, run.setup
   experiment.write_config(config, workdir, setup.augment_spec)
   if jax.process_index() == 0:
@@ -279,15 +310,14 @@ def _train_and_evaluate(config, exp: experiment.Experiment, workdir: str) -> dic
       'devices': [str(d) for d in devices],
       'platform': devices[0].platform,
       'pretrain': pretrain_lib.summary(workdir) if exp.pretraining else None,
+      'gan': gan_lib.summary(workdir) if exp.generative else None,
   })
   if jax.process_index() == 0:
     # Prediction averages the chosen setting's live members, not every member.
     checkpoint.write_model_spec(workdir, {
         **_model_spec(exp, setup, dataset, run.mean, run.std),
         'members': results_lib.live_members(exp.grid, chosen, diverged)})
-    with open(results_path + '.tmp', 'w') as f:
-      json.dump(results, f, indent=1)
-    os.replace(results_path + '.tmp', results_path)
+    checkpoint.write_json(results_path, results)
     print(results_lib.summary_line(results, workdir))
   return results
 
@@ -351,16 +381,14 @@ def _normalisation(dataset, pretrained_spec):
   if pretrained_spec:
     # Grey images broadcast against three means: the channel repeat happens here.
     return np.array(pretrained_spec['mean']), np.array(pretrained_spec['std'])
-  train_float = dataset.train.images.astype(np.float32) / 255.0
-  return (train_float.mean(axis=(0, 1, 2)),
-          np.maximum(train_float.std(axis=(0, 1, 2)), 1e-3))
+  return steps_lib.pixel_stats(dataset.train.images)
 
 
 def _model_spec(exp, setup, dataset, mean, std) -> dict:
   num_classes = dataset.num_classes
   targets = setup.tree.embedding.tolist() if exp.class_targets == 'hierarchy' else None
   return {'model': exp.model, 'width': exp.width, 'dtype': exp.dtype,
-          'num_outputs': exp.embedding_dim or num_classes,
+          'num_outputs': exp.embedding_dim or num_classes * setup.loss.outputs_per_class,
           'num_classes': num_classes if exp.loss.needs_classifier else 0,
           'loss': exp.loss.name, 'image_size': list(dataset.image_shape[:2]),
           'channels': len(mean), 'mean': mean.tolist(), 'std': std.tolist(),

@@ -57,6 +57,15 @@ def test_cosine_with_class_embeddings_mixes_targets():
   assert int(jnp.argmax(loss.scores({'output': jnp.array([[0.5, 0.7]])}))) == 2
 
 
+def test_dada_scores_a_class_by_its_real_and_fake_outputs_summed():
+  out = jnp.array([[1.0, 0.0, 2.0, -3.0, 1.0, 0.5]])  # real 0..2, then fake 0..2
+  loss = losses.get('dada')
+  chex.assert_trees_all_close(loss.scores({'output': out}), jnp.array([[-2.0, 1.0, 2.5]]))
+  label = jax.nn.one_hot(jnp.array([1]), 3)
+  chex.assert_trees_all_close(loss.per_example({'output': out}, label),
+                              losses.xent(jnp.array([[-2.0, 1.0, 2.5]]), label), rtol=1e-6)
+
+
 @pytest.mark.parametrize('name', losses.NAMES)
 def test_gradients_match_finite_differences(name):
   loss = losses.get(name)
@@ -66,7 +75,8 @@ def test_gradients_match_finite_differences(name):
   def f(out, logits):
     return loss.per_example({'output': out, 'logits': logits}, labels).sum()
 
-  out = jax.random.normal(key, (3, 3), jnp.float64 if jax.config.x64_enabled else jnp.float32)
+  out = jax.random.normal(key, (3, 3 * loss.outputs_per_class),
+                          jnp.float64 if jax.config.x64_enabled else jnp.float32)
   logits = jax.random.normal(jax.random.fold_in(key, 2), (3, 3))
   check_grads(f, (out, logits), order=1, modes=['rev'], atol=1e-2, rtol=1e-2)
 

@@ -14,19 +14,9 @@ severity where one-hot targets have them at 10 and 50 per class, cost a point of
 at 250, and lift hierarchical precision at 5 from 0.77-0.98 to 0.97-0.99 at every size.
 """
 
-import importlib.util
-import os
+from smallfx import config as config_lib
 
-
-def _sibling(name):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-fashion_mnist = _sibling('fashion_mnist')
+fashion_mnist = config_lib.sibling(__file__, 'fashion_mnist')
 
 
 def get_config():

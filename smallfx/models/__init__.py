@@ -51,7 +51,8 @@ class Net(nn.Module):
   def __call__(self, x, train: bool = False) -> dict[str, jnp.ndarray]:
     features = self.backbone(x, train=train and not self.freeze_backbone_bn)
     out = nn.Dense(self.num_outputs, dtype=self.dtype, name='head')(features)
-    outputs = {'output': out.astype(jnp.float32)}
+    # The features too: a GAN's feature matching reads them (unused, XLA drops them).
+    outputs = {'output': out.astype(jnp.float32), 'features': features}
     if self.num_classes:
       logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(
           l2_normalize(out))
