@@ -323,6 +323,15 @@ def default_workdir(config, config_name: str = 'run') -> str:
 
 # Fields that change how fast a run goes, never its maths: a resume may change them.
 _SPEED_ONLY = {'progress', 'steps_per_dispatch', 'member_devices', 'cpu_tuning'}
+# ... and nested fields that only decide when a run stops: a GAN stopped as collapsed
+# resumes from its last good checkpoint with the check lowered.
+_STOP_ONLY = {'gan': ('min_spread',)}
+
+
+def _without_stop_only(resolved: dict) -> dict:
+  """A config's JSON form without the `_STOP_ONLY` fields."""
+  return {k: ({f: x for f, x in v.items() if f not in _STOP_ONLY[k]}
+              if k in _STOP_ONLY and isinstance(v, dict) else v) for k, v in resolved.items()}
 
 
 def check_same_config(config, workdir: str) -> bool:
@@ -331,10 +340,10 @@ def check_same_config(config, workdir: str) -> bool:
   if not os.path.exists(path):
     return False
   with open(path) as f:
-    before = json.load(f)
-  resolved = json.loads(config.to_json(sort_keys=True))
+    before = _without_stop_only(json.load(f))
+  resolved = _without_stop_only(json.loads(config.to_json(sort_keys=True)))
   # A field added to smallfx since that run was written had its default then.
-  defaults = json.loads(config_lib.default().to_json(sort_keys=True))
+  defaults = _without_stop_only(json.loads(config_lib.default().to_json(sort_keys=True)))
   # 'auto' was written resolved; the same dataset resolves it the same way.
   changed = sorted(k for k in set(before) | set(resolved)
                    if k not in _SPEED_ONLY and before.get(k, defaults.get(k)) != resolved.get(k)

@@ -221,7 +221,8 @@ def _train(session: Session, folder: str) -> None:
           f'the GAN collapsed: by step {step} the generated images of a class of seed '
           f'{int(spread.argmin())} vary by {spread.min():.4f} (mean pixel std, under '
           f'gan.min_spread={spec.min_spread}); {kept}. With few images per class GANs often '
-          'do (experiments/generative/); --config.gan.min_spread=0 trains on with it')
+          'do (experiments/generative/); the same command with --config.gan.min_spread=0 '
+          'resumes and trains on with it')
     elapsed = time.perf_counter() - window_start
     wall += elapsed
     scalars = {name: float(v.mean()) for name, v in values.items()}

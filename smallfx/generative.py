@@ -115,7 +115,7 @@ class Gan:
 
 
 def upsamplings(image_shape) -> int:
-  """How many stride-2 layers the generator has: the most (up to 3) that keep a start
+  """How many times the generator doubles its size: the most (up to 3) that keep a start
   of at least 4 pixels and divide the size (28x28: 2, from 7x7; 32x32: 3, from 4x4)."""
   h, w = image_shape[:2]
   return max([u for u in range(4) if h % 2**u == 0 and w % 2**u == 0

@@ -236,3 +236,18 @@ def test_pretraining_bench_times_every_phase(tmp_path):
   # The MLP's two stages, then the whole stack; simclr has one phase.
   assert [p['phase'] for p in rows[0]['phases']] == ['stage 1/2', 'stage 2/2', 'whole stack']
   assert all(r['images_per_sec'] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_gan_bench_times_both_phases_and_the_plain_step(tmp_path):
+  out = tmp_path / 'gan.json'
+  subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'bench_gan.py'),
+                  '--dataset=digits', '--samples_per_class=10', '--steps=2', '--rounds=2',
+                  f'--out={out}'], check=True, cwd=ROOT, timeout=600, capture_output=True,
+                 text=True)
+  rows = {r['runner']: r for r in json.loads(out.read_text())['rows']}
+  assert list(rows) == ['gan', 'dada', 'cgan_augment', 'plain']
+  # DADA's batch holds as many generated images as real ones; cgan_augment half as many.
+  assert rows['dada']['images_per_step'] == 2 * rows['plain']['images_per_step']
+  assert rows['cgan_augment']['images_per_step'] == 1.5 * rows['plain']['images_per_step']
+  assert all(r['images_per_sec']['median'] > 0 for r in rows.values())

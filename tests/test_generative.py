@@ -232,6 +232,10 @@ def test_a_broken_gan_stops_the_run_with_one_line(tmp_path, fields, match):
   if 'diverged' in match or 'collapsed' in match:
     assert 'no checkpoint had been saved yet' in line
     assert not os.path.exists(tmp_path / 'results.json')
+  if 'collapsed' in match:  # the same command with the check lowered trains on
+    result = run_cli('smallfx.main', *BASE, '--config.gan.checkpoint_every_steps=0',
+                     '--config.gan.min_spread=0', f'--workdir={tmp_path}')
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_a_window_names_its_first_non_finite_step():

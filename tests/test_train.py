@@ -199,7 +199,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize('flag, message', [
     ('--config.lossy=xent', 'lossy'),
-    ('--config.loss=cosin', "unknown loss 'cosin'; valid: cosine, cosine_xent, xent, xent_smooth"),
+    ('--config.loss=cosin', "unknown loss 'cosin'; valid: cosine, cosine_xent, dada, xent, xent_smooth"),
     ('--config.model=resnet21', "unknown model 'resnet21'; valid:.*resnet20"),
     ('--config.optimizer=adam', "unknown optimizer 'adam'; valid: adamw, sgd"),
     ('--config.dataset=digitz', "unknown dataset 'digitz'"),
