@@ -77,6 +77,7 @@ def _objective(shape=(8, 8, 1), k=4, **fields):
                               np.ones(1, np.float32))
 
 
+@pytest.mark.slow
 def test_one_iteration_moves_both_networks_and_reports_finite_metrics():
   goal = _objective()
   state = goal.init(jax.random.key(0))
