@@ -30,12 +30,7 @@ BASE = ['--config=configs/cosine.py', '--config.model=cnn', '--config.width=0.5'
 def _config(**fields):
   config = config_lib.default()
   config.model, config.loss, config.generative = 'cnn', 'dada', 'dada'
-  for name, value in fields.items():
-    *parents, leaf = name.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(fields)  # dotted names reach into sub-configs
   return config
 
 
