@@ -24,13 +24,15 @@ Per-example ops, `(key, image f32[H,W,C] in [0,1]) -> image`, vmapped over the b
     grayscale(p=0.2), solarize(strength=1.0), posterize(bits=4), noise(std=0.05)
     cutout(size=0.25, p=1.0, fill=zero|gray|noise), erase(p=0.5, ...)
     trivial(strength=1.0)              TrivialAugment: one random op per image
+    feature_noise(std=0.1)             a table's row: Gaussian noise, unclipped
 
 Batch ops see the whole batch and mix the soft labels f32[B, K]:
 
     mixup(alpha=0.2, p=1.0), cutmix(alpha=1.0, p=1.0)
 
 Every op with strength or probability 0 is exactly the identity, keeps shape and
-dtype, and clips its output to [0, 1]. saturation, hue and grayscale need RGB and
+dtype, and clips its output to [0, 1] (feature_noise excepted: a table's standardised
+features have no range; `TABLE_OPS` are the ops a table takes). saturation, hue and grayscale need RGB and
 are the identity on one channel. `describe()` lists the ops with their defaults.
 
 Primitives come from dm-pix (DeepMind's JAX image library) where it has the same
@@ -470,6 +472,17 @@ def noise(std: float = 0.05):
   return op
 
 
+def feature_noise(std: float = 0.1):
+  """Adds Gaussian noise of standard deviation `std`, unclipped: a table's standardised features."""
+  std = _check('feature_noise', 'std', std, lo=0)
+  if std == 0:
+    return _identity
+
+  def op(key, x):
+    return x + std * jax.random.normal(key, x.shape, x.dtype)
+  return op
+
+
 # --------------------------------------------------------------------------- occlusion
 
 
@@ -627,11 +640,27 @@ def cutmix(alpha: float = 1.0, p: float = 1.0):
 # name -> per-example op factory: keyword arguments -> (key, image) -> image.
 OPS = {f.__name__: f for f in (
     crop, rrc, flip, vflip, rotate, translate, scale, shear, brightness, contrast,
-    saturation, hue, grayscale, sharpness, solarize, posterize, noise, cutout, erase,
-    trivial)}
+    saturation, hue, grayscale, sharpness, solarize, posterize, noise, feature_noise, cutout,
+    erase, trivial)}
 # name -> batch op factory: -> (key, images, labels) -> (images, labels), or None
 # when the arguments make it the identity.
 BATCH_OPS = {f.__name__: f for f in (mixup, cutmix)}
+
+
+# The ops that make sense for a table's feature vectors (the rest move pixels).
+TABLE_OPS = ('feature_noise', 'mixup')
+
+
+def check_for_tables(spec: str) -> None:
+  """Refuses, in one line, an op of `spec` that only makes sense for images."""
+  spec = (spec or '').strip()
+  if spec.lower() in ('', 'none', 'auto'):
+    return
+  for item in spec.split('|'):
+    name = _parse_op(item.strip())[0]
+    if name not in TABLE_OPS:
+      raise UserError(f'augment op {name!r} works on images; a table\'s rows take '
+                      f"{', '.join(TABLE_OPS)} (e.g. --config.augment='feature_noise(std=0.1)')")
 
 
 def describe() -> str:

@@ -6,7 +6,9 @@ from smallfx.errors import UserError, unknown
 
 
 def _pixels(images) -> np.ndarray:
-  return images.reshape(len(images), -1).astype(np.float32) / 255.0
+  """Pixels in [0, 1], flattened; a table's (standardised) features as they are."""
+  x = images.reshape(len(images), -1).astype(np.float32)
+  return x / 255.0 if images.dtype == np.uint8 else x
 
 
 def random_forest(train, seed: int = 0, features=None):
@@ -26,6 +28,17 @@ def gradient_boosting(train, seed: int = 0, features=None):
   return lambda images: trees.predict(_pixels(images))
 
 
+def logistic_regression(train, seed: int = 0, features=None):
+  """L2-regularised logistic regression (C=1) on the standardised pixels or features."""
+  del features
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
+  scaler = StandardScaler().fit(_pixels(train.images))
+  model = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
+  model.fit(scaler.transform(_pixels(train.images)), train.labels)
+  return lambda images: model.predict(scaler.transform(_pixels(images)))
+
+
 def logistic_features(train, seed: int = 0, features=None):
   """Logistic regression on a frozen pretrained backbone's pooled features."""
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
@@ -41,6 +54,7 @@ def logistic_features(train, seed: int = 0, features=None):
 
 
 BASELINES = {'random_forest': random_forest, 'gradient_boosting': gradient_boosting,
+             'logistic_regression': logistic_regression,
              'logistic_features': logistic_features, 'none': None}
 
 

@@ -17,7 +17,8 @@ PRETRAINING_FIELDS = ('pretrain', 'unlabelled', 'pretraining')
 GENERATIVE_FIELDS = ('generative', 'gan')
 # Fields a study cell's fingerprint leaves out while they hold these defaults, for the
 # same reason.
-LATER_FIELDS = {'hierarchy': '', 'class_targets': 'onehot'}
+LATER_FIELDS = {'hierarchy': '', 'class_targets': 'onehot', 'label_column': '',
+                'categorical': '', 'depth': 0, 'norm': 'none', 'dropout': 0.0}
 
 
 def default() -> ml_collections.ConfigDict:
@@ -31,12 +32,21 @@ def default() -> ml_collections.ConfigDict:
   c.image_size = 0     # 0: native size; N or (H, W): resize on load.
   c.channels = 0       # 1: grey (colour sources are converted); 3: RGB; 0: the source's.
   c.max_image_pixels = 0  # folder datasets: Pillow's decompression-bomb limit (0: Pillow's).
+  # Tables (`sklearn:NAME`, `csv:PATH`): the csv's label column, and its columns to
+  # one-hot encode (comma-separated; every other column must be numeric).
+  c.label_column = ''
+  c.categorical = ''
   # Grammar in smallfx/augment.py; 'auto' picks by image size (`experiment.AUTO_AUGMENT`).
   c.augment = 'auto'
 
   # Model and loss.
   c.model = 'resnet20'
   c.width = 1.0
+  # The MLP's (`model='mlp'`, 256 x width units per layer): layers (0: 2), 'none',
+  # 'batch' or 'layer' norm, and the dropout rate after each layer.
+  c.depth = 0
+  c.norm = 'none'
+  c.dropout = 0.0
   c.dtype = 'float32'
   c.loss = 'cosine'
   c.embedding_dim = 0  # 0: one output per class (one-hot cosine targets).

@@ -7,7 +7,9 @@ seeded by `data_seed`, so the same config always sees the same images.
 
 Names: `digits` (scikit-learn's 8x8 digits, embedded), `fashion_mnist` (IDX files),
 `tfds:NAME` (TensorFlow Datasets through `tfds.data_source`, no TensorFlow needed),
-`folder:PATH` (one sub-folder of images per class).
+`folder:PATH` (one sub-folder of images per class), and tables (`smallfx.tables`):
+`sklearn:NAME` and `csv:PATH`, whose rows are float32 feature vectors (N, F) in place
+of images, standardised with the training split's statistics.
 """
 
 import dataclasses
@@ -20,6 +22,7 @@ import zlib
 
 import numpy as np
 
+from smallfx import tables
 from smallfx.errors import UserError
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
@@ -44,6 +47,8 @@ class Spec:
   channels: int = 0
   max_image_pixels: int = 0  # 0: Pillow's own limit
   unlabelled: str = 'rest'   # for pretraining: 'rest' of the training pool, or 'folder:PATH'
+  label_column: str = ''     # csv: the column of the labels
+  categorical: str = ''      # csv: comma-separated columns to one-hot encode
 
   @classmethod
   def from_config(cls, config) -> 'Spec':
@@ -55,7 +60,7 @@ class Spec:
 
 @dataclasses.dataclass
 class Split:
-  images: np.ndarray  # uint8 (N, H, W, C)
+  images: np.ndarray  # uint8 (N, H, W, C); a table's: float32 features (N, F)
   labels: np.ndarray  # int32 (N,)
 
 
@@ -64,6 +69,8 @@ class Source:
   train: Split
   test: Split
   class_names: list[str]
+  # A table's: raw rows in `images`, encoded as `encoder.fit(training pool rows)` says.
+  encoder: tables.Encoder | None = None
 
 
 @dataclasses.dataclass
@@ -82,6 +89,10 @@ class Dataset:
   @property
   def image_shape(self) -> tuple[int, ...]:
     return self.train.images.shape[1:]
+
+  @property
+  def is_table(self) -> bool:
+    return len(self.image_shape) == 1
 
   # Flat aliases, for tools that only want the training images.
   @property
@@ -307,8 +318,26 @@ def load_folder(path: str, spec) -> Source:
   return held_out_split(*_read_image_folder(path, size, channels, spec.max_image_pixels))
 
 
+def load_sklearn_table(name: str, spec) -> Source:
+  del spec
+  rows, labels, names, encoder = tables.load_sklearn(name)
+  return dataclasses.replace(held_out_split(rows, labels, names), encoder=encoder)
+
+
+def load_csv(path: str, spec) -> Source:
+  rows, labels, names, encoder = tables.load_csv(path, spec.label_column, spec.categorical)
+  return dataclasses.replace(held_out_split(rows, labels, names), encoder=encoder)
+
+
 SOURCES: dict[str, Callable] = {'digits': load_digits, 'fashion_mnist': load_fashion_mnist}
-PREFIXES: dict[str, Callable] = {'tfds': load_tfds, 'folder': load_folder}
+PREFIXES: dict[str, Callable] = {'tfds': load_tfds, 'folder': load_folder,
+                                 'sklearn': load_sklearn_table, 'csv': load_csv}
+TABLE_PREFIXES = ('sklearn', 'csv')
+
+
+def is_table(dataset_name: str) -> bool:
+  """Whether the source `dataset_name` names gives feature vectors rather than images."""
+  return dataset_name.split(':', 1)[0] in TABLE_PREFIXES and ':' in dataset_name
 
 
 def _size(image_size):
@@ -337,7 +366,7 @@ def load_source(spec: Spec) -> Source:
   elif name in SOURCES:
     return SOURCES[name](spec)
   raise UserError(f"unknown dataset {name!r}; valid: {', '.join(sorted(SOURCES))}, "
-                  f"{', '.join(p + ':NAME' for p in sorted(PREFIXES))}")
+                  f"{', '.join(p + (':PATH' if p in ('folder', 'csv') else ':NAME') for p in sorted(PREFIXES))}")
 
 
 def _grey(split: Split) -> Split:
@@ -354,15 +383,22 @@ def load(spec: Spec) -> Dataset:
   if spec.channels == 1:  # colour taken away: one of the playbook's "fewer inputs"
     source = dataclasses.replace(source, train=_grey(source.train), test=_grey(source.test))
   names = source.class_names
-  pool = source.train
+  pool, test = source.train, source.test
   if spec.val_per_class:
     val_idx, rest = stratified_split(pool.labels, spec.val_per_class, spec.data_seed, names)
     val = Split(pool.images[val_idx], pool.labels[val_idx])
     pool = Split(pool.images[rest], pool.labels[rest])
   else:
     val = Split(pool.images[:0], pool.labels[:0])
+  if source.encoder is not None:  # a table: columns encoded from the training pool alone
+    encode = source.encoder.fit(pool.images)
+    pool, val, test = (Split(encode(s.images), s.labels) for s in (pool, val, test))
   size = _size(spec.image_size)
-  dataset = Dataset(pool, _resize(val, size), _resize(source.test, size), names, pool=pool)
+  dataset = Dataset(pool, _resize(val, size), _resize(test, size), names, pool=pool)
+  if dataset.is_table:
+    pool, val, test = tables.standardise(pool, val, test,
+                                         pool.images[train_indices(dataset, spec, 0)])
+    dataset = Dataset(pool, val, test, names, pool=pool)
   dataset.train = resample_train(dataset, spec, 0)
   return dataset
 

@@ -63,3 +63,17 @@ def evaluate(eval_step, parts: list, split: data_lib.Split, batch_size: int,
   if tree is not None:
     out['hierarchy'] = hierarchy_lib.means(tree_totals)
   return out
+
+
+def member_probabilities(model, loss, state, images, mean, std) -> np.ndarray:
+  """Each member's class probabilities on its own inputs: (members, N, classes).
+
+  `images` has a leading member axis, as `train.fit`'s data: for experiments whose
+  members each hold out rows of their own (tools/olson.py). Tables are small: one call.
+  """
+  def one(params, batch_stats, x):
+    outputs = model.apply({'params': params, 'batch_stats': batch_stats},
+                          steps.normalise(x, mean, std), train=False)
+    return jax.nn.softmax(loss.scores(outputs))
+
+  return np.asarray(jax.jit(jax.vmap(one))(state.params, state.batch_stats, images))

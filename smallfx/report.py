@@ -17,6 +17,7 @@ import numpy as np
 
 from smallfx import cells as cells_lib
 from smallfx import curves
+from smallfx import data as data_lib
 
 REFERENCE = 'random_forest'
 # Below this p-value of the paired t-test a method is "below the best".
@@ -133,6 +134,10 @@ def _mean(per_seed: dict | None) -> float:
   return curves.interval(list((per_seed or {}).values()))[0]
 
 
+def _examples(study) -> str:
+  return 'rows' if data_lib.is_table(study.base.dataset) else 'images'
+
+
 def plot(path_stem: str, study, summary, title: str) -> None:
   """Test accuracy against samples per class: a line per method, its 95% interval shaded."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -158,7 +163,7 @@ def plot(path_stem: str, study, summary, title: str) -> None:
   ax.set_xticks(list(study.sizes))
   ax.set_xticklabels([str(s) for s in study.sizes])
   ax.minorticks_off()
-  ax.set_xlabel('training images per class')
+  ax.set_xlabel(f'training {_examples(study)} per class')
   ax.set_ylabel('test accuracy')
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
@@ -254,9 +259,9 @@ def write_report(path, study, summary, records, meta: dict) -> None:
          f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.', '',
          '![learning curve](learning_curve.png)', '']
   out += ['## Setup', '',
-          f'- Data: `{base.dataset}`; training images per class: '
+          f'- Data: `{base.dataset}`; training {_examples(study)} per class: '
           f'{", ".join(map(str, study.sizes))}. Validation: {base.val_per_class} per class'
-          + (f' ({val_labels} labelled images, on top of the training images)'
+          + (f' ({val_labels} labelled {_examples(study)}, on top of the training ones)'
              if val_labels else '') + ', carved from the training pool; the test split '
           'only reports.',
           f'- Base experiment: model `{base.model}`, loss `{base.loss}`, optimiser '

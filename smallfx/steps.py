@@ -28,8 +28,14 @@ class TrainState:
   generator: Any = None
 
 
+def to_unit(x):
+  """Inputs in the units augmentation works in: uint8 pixels in [0, 1]; a table's
+  features (already standardised by `data.load`) as they are."""
+  return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+
+
 def normalise(images_u8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-  return (images_u8.astype(jnp.float32) / 255.0 - mean) / std
+  return (to_unit(images_u8) - mean) / std
 
 
 def init_state(model, tx, image_shape, key, hyperparams: dict) -> TrainState:
@@ -61,9 +67,13 @@ def update(state: TrainState, images: jax.Array, labels: jax.Array, *, model, lo
   """
   hyperparams = optim.hyperparams(state.opt_state)
 
+  dropout = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1 << 29),
+                               state.step)
+
   def loss_fn(params):
     outputs, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                    images, train=True, mutable=['batch_stats'])
+                                    images, train=True, mutable=['batch_stats'],
+                                    rngs={'dropout': dropout})
     return loss.per_example(outputs, labels, hyperparams).mean(), (outputs, new_vars)
 
   (value, (outputs, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -91,7 +101,14 @@ def update(state: TrainState, images: jax.Array, labels: jax.Array, *, model, lo
 
 
 def pixel_stats(images_u8):
-  """Per-channel mean and std of uint8 images in [0, 1] units: the inputs' normalisation."""
+  """Per-channel mean and std of uint8 images in [0, 1] units: the inputs' normalisation.
+
+  A table's features come standardised from `data.load` (a feature constant on the
+  training split keeps a std of 1 there): 0 and 1 per feature.
+  """
+  if images_u8.dtype != np.uint8:
+    n = images_u8.shape[-1]
+    return np.zeros(n, np.float32), np.ones(n, np.float32)
   x = images_u8.astype(np.float32) / 255.0
   return x.mean(axis=(0, 1, 2)), np.maximum(x.std(axis=(0, 1, 2)), 1e-3)
 
@@ -108,7 +125,7 @@ def draw_batch(state: TrainState, images_u8, labels, *, batch_size, num_classes,
   epoch, i = jnp.divmod(state.step, steps_per_epoch)
   key = jax.random.wrap_key_data(state.rng)
   idx = shuffle.permuted(jax.random.fold_in(key, epoch), i * batch_size + jnp.arange(batch_size), n)
-  x = images_u8[idx].astype(jnp.float32) / 255.0
+  x = to_unit(images_u8[idx])
   y = jax.nn.one_hot(labels[idx], num_classes)
   x, y = augment(jax.random.fold_in(jax.random.fold_in(key, 1 << 30), state.step), x, y)
   if generated is not None:

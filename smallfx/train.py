@@ -92,7 +92,9 @@ class Run:
     """(init, abstract state): init() makes every member's state on its devices."""
     hyperparams = experiment.member_hyperparams(self.exp)
     keys = members.seed_keys(self.exp.seed, self.exp.grid)
-    shape = (*self.dataset.image_shape[:2], len(self.mean))
+    # Pretrained weights may want three channels of grey images (`len(self.mean)`).
+    shape = self.dataset.image_shape if self.dataset.is_table else (
+        *self.dataset.image_shape[:2], len(self.mean))
     def member(k, h):
       state = steps_lib.init_state(self.setup.model, self.setup.tx, shape, k, h)
       if not self.exp.generative:
@@ -156,6 +158,7 @@ def set_up(config: ml_collections.ConfigDict, exp: experiment.Experiment | None 
   exp = exp or experiment.resolve(config)
   layout = members.make_layout(exp.num_members, exp.member_devices)
   dataset = data_lib.load(exp.data)
+  exp = _batch_within(exp, len(dataset.train.labels))
   setup = experiment.build(exp, dataset.num_classes, len(dataset.train.labels),
                            dataset.image_shape, dataset.class_names)
   if exp.batch_size % layout.data_devices:
@@ -170,6 +173,44 @@ def set_up(config: ml_collections.ConfigDict, exp: experiment.Experiment | None 
   tuning.prepare(layout.platform, exp.cpu_tuning)
   return Run(exp, layout, dataset, setup, mean, std, pretrained,
              (pretrained_spec or {}).get('pretrained_seeds', 0), gan)
+
+
+def fit(run: Run, images, labels):
+  """Every member trained on its own data for the run's length; the members' state.
+
+  `images` and `labels` have a leading member axis (the run needs `resample_per_seed`).
+  No checkpoints, metrics or evaluation: for experiments of many tiny runs, such as
+  one table's repeated random splits (tools/olson.py).
+  """
+  if not run.exp.resample_per_seed:
+    raise ValueError('fit trains each member on its own data: set resample_per_seed')
+  layout = run.layout
+  init, _ = run.initializer()
+  parts = layout.split(init())
+  data_parts = layout.split(jax.device_put((images, labels), layout.state_sharding))
+  chunk = tuning.steps_per_dispatch(layout.platform, run.exp.steps_per_dispatch)
+  total = run.setup.total_steps
+  step, several = run.train_step(), run.train_step(chunk) if chunk > 1 else None
+  done = 0
+  with tqdm.tqdm(total=total, unit='step', file=sys.stderr, dynamic_ncols=True,
+                 disable=not run.exp.progress or jax.process_index() != 0) as bar:
+    while done < total:
+      n = chunk if several and done + chunk <= total else 1
+      for r in range(layout.rounds):
+        parts[r], _ = (several if n > 1 else step)(parts[r], *data_parts[r])
+      done += n
+      bar.update(n)
+  return layout.join(parts)
+
+
+def _batch_within(exp: experiment.Experiment, train_size: int) -> experiment.Experiment:
+  """`exp` with batches of at most the whole training split (full-batch steps beyond)."""
+  if exp.batch_size <= train_size:
+    return exp
+  if jax.process_index() == 0:
+    print(f'note: batch_size={exp.batch_size} is more than the {train_size} training '
+          f'examples; every step takes all {train_size}', file=sys.stderr)
+  return dataclasses.replace(exp, batch_size=train_size)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -197,7 +238,7 @@ def _train_and_evaluate(config, exp: experiment.Experiment, workdir: str) -> dic
     gan_lib.run(config, exp, workdir, data_lib.load(exp.data))
     gan = gan_lib.load(workdir)
   run = set_up(config, exp, gan)
-  layout, dataset, setup = run.layout, run.dataset, run.setup
+  exp, layout, dataset, setup = run.exp, run.layout, run.dataset, run.setup
   experiment.write_config(config, workdir, setup.augment_spec)
   if jax.process_index() == 0:
     checkpoint.write_model_spec(workdir, _model_spec(exp, setup, dataset, run.mean, run.std))
@@ -387,7 +428,8 @@ def _normalisation(dataset, pretrained_spec):
 def _model_spec(exp, setup, dataset, mean, std) -> dict:
   num_classes = dataset.num_classes
   targets = setup.tree.embedding.tolist() if exp.class_targets == 'hierarchy' else None
-  return {'model': exp.model, 'width': exp.width, 'dtype': exp.dtype,
+  return {'model': exp.model, 'width': exp.width, 'model_options': exp.model_options,
+          'dtype': exp.dtype, 'table': dataset.is_table,
           'num_outputs': exp.embedding_dim or num_classes * setup.loss.outputs_per_class,
           'num_classes': num_classes if exp.loss.needs_classifier else 0,
           'loss': exp.loss.name, 'image_size': list(dataset.image_shape[:2]),

@@ -46,11 +46,11 @@ def test_numbers_out_of_range_are_refused_by_name(field, value, message):
 
 def test_a_failed_check_writes_no_config(tmp_path):
   """The corrected command on the same workdir must not be refused as another config."""
-  with pytest.raises(UserError, match='larger than the training split'):
-    train.train_and_evaluate(config(batch_size=5000), str(tmp_path))
+  with pytest.raises(UserError, match='per class asked for'):
+    train.train_and_evaluate(config(samples_per_class=5000), str(tmp_path))
   assert not (tmp_path / 'config.json').exists()
-  train.train_and_evaluate(config(batch_size=16), str(tmp_path))
-  assert json.load(open(tmp_path / 'config.json'))['batch_size'] == 16
+  train.train_and_evaluate(config(samples_per_class=8), str(tmp_path))
+  assert json.load(open(tmp_path / 'config.json'))['samples_per_class'] == 8
 
 
 def test_checkpoint_every_0_saves_the_end_only(tmp_path):

@@ -60,11 +60,19 @@ class Net(nn.Module):
     return outputs
 
 
+# Models that take options beyond width and dtype, and which (`--config.depth`, ...);
+# an option at its `UNSET` value leaves the model's own default.
+OPTIONS = {'mlp': ('depth', 'norm', 'dropout')}
+UNSET = {'depth': 0, 'norm': 'none', 'dropout': 0.0}
+NORMS = simple.NORMS
+
+
 def build(name: str, num_outputs: int, num_classes: int = 0, width: float = 1.0,
-          dtype=jnp.float32, freeze_backbone_bn: bool = False) -> Net:
+          dtype=jnp.float32, freeze_backbone_bn: bool = False, **options) -> Net:
+  """The model `name` with its output layer(s); `options` only for models in `OPTIONS`."""
   if name not in BACKBONES:
     raise unknown('model', name, BACKBONES)
-  backbone = BACKBONES[name](width=width, dtype=dtype)
+  backbone = BACKBONES[name](width=width, dtype=dtype, **options)
   return Net(backbone=backbone, num_outputs=num_outputs, num_classes=num_classes,
              dtype=dtype, freeze_backbone_bn=freeze_backbone_bn)
 

@@ -1,6 +1,6 @@
 """Small models: an MLP and a two-layer CNN (the sizes a laptop trains in seconds)."""
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,22 +22,35 @@ def sow_stage(module: nn.Module, x) -> None:
 
 
 class MLP(nn.Module):
+  """`depth` dense layers of 256 x `width` units, each followed by the norm ('batch',
+  'layer' or 'none'), a ReLU and dropout: a table's model, or pixels flattened."""
   width: float = 1.0
-  hidden: Sequence[int] = (256, 256)
+  depth: int = 2
+  norm: str = 'none'
+  dropout: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    del train
     x = x.reshape((x.shape[0], -1)).astype(self.dtype)
-    for h in self.hidden:
-      x = nn.relu(nn.Dense(int(h * self.width), dtype=self.dtype)(x))
+    for _ in range(self.depth):
+      x = nn.Dense(max(1, int(256 * self.width)), dtype=self.dtype)(x)
+      if self.norm == 'batch':
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+      elif self.norm == 'layer':
+        x = nn.LayerNorm(dtype=self.dtype)(x)
+      x = nn.relu(x)
+      if self.dropout:
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
       sow_stage(self, x)
     return x
 
   def stage_of(self, name: str) -> int:
     """The stage (see `STAGES`) a top-level parameter or statistic belongs to."""
     return int(name.split('_')[-1])
+
+
+NORMS = ('none', 'batch', 'layer')
 
 
 def _windows(x):
