@@ -83,7 +83,7 @@ def test_folder_dataset_names_unreadable_file(tmp_path):
 
 
 def test_unknown_dataset_lists_choices():
-  with pytest.raises(UserError, match='digits, fashion_mnist.*folder:NAME, tfds:NAME'):
+  with pytest.raises(UserError, match='digits, fashion_mnist, csv:PATH, folder:PATH, sklearn:NAME, tfds:NAME'):
     data.load(cfg(dataset='digit'))
 
 

@@ -179,13 +179,13 @@ def test_baselines_fit_a_table():
 
 
 @pytest.mark.slow
-def test_a_table_trains_with_seeds_a_sweep_and_a_batch_larger_than_the_data(tmp_path, capsys):
+def test_a_table_trains_with_seeds_and_a_batch_larger_than_the_data(tmp_path, capsys):
   c = config(num_seeds=2, depth=3, norm='batch', dropout=0.1, augment='feature_noise(std=0.1)',
              batch_size=64, baseline='random_forest')
-  c.sweep.learning_rate = '0.03,0.1'
+  c.sweep.learning_rate = '0.1'
   results = train.train_and_evaluate(c, str(tmp_path))
   assert 'every step takes all 30' in capsys.readouterr().err
-  assert results['train_size'] == 30 and len(results['members']) == 4
+  assert results['train_size'] == 30 and len(results['members']) == 2
   assert results['test_accuracy'] > 0.8 and results['baseline_accuracy'] > 0.8
   spec_ = json.loads((tmp_path / 'model.json').read_text())
   assert spec_['table'] and spec_['model_options'] == {'depth': 3, 'norm': 'batch',
@@ -231,28 +231,28 @@ def test_fit_trains_each_member_on_its_own_rows(tmp_path):
 @pytest.mark.slow
 def test_the_olson_tool_writes_every_split(tmp_path):
   r = subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'olson.py'),
-                      f'--out={tmp_path}', '--tables=iris,wine', '--splits=3', '--nets=2',
+                      f'--out={tmp_path}', '--tables=iris', '--splits=3', '--nets=2',
                       '--depth=2', '--max_steps=40', '--no-progress'],
                      capture_output=True, text=True, timeout=600, cwd=REPO)
   assert r.returncode == 0, r.stderr[-2000:]
   record = json.loads((tmp_path / 'olson.json').read_text())
-  assert [t['table'] for t in record['tables']] == ['iris', 'wine']
+  assert [t['table'] for t in record['tables']] == ['iris']
   for table in record['tables']:
     assert len(table['ensemble']) == len(table['forest']) == 3
     assert table['verdict'] in ('win', 'tie', 'loss') and table['mlp_seconds'] > 0
-  assert sum(record['counts'].values()) == 2
+  assert sum(record['counts'].values()) == 1
   assert '| iris | 150 x 4 |' in r.stdout
 
 
 @pytest.mark.slow
 def test_a_study_runs_on_a_table(tmp_path):
   r = run_cli('smallfx.study', '--config=configs/study/tabular.py', f'--workdir={tmp_path}',
-              '--config.base.dataset=sklearn:iris', '--config.sizes=5,10',
+              '--config.base.dataset=sklearn:iris', '--config.sizes=5',
               '--config.methods=random_forest,logistic_regression,mlp2,ensemble',
               '--config.grid.learning_rate=0.03,0.1', '--config.grid.weight_decay=5e-4',
               '--config.seeds=2', '--config.base.max_steps=60')
   assert r.returncode == 0, r.stderr[-3000:]
   report = (tmp_path / 'report.md').read_text()
-  assert 'training rows per class: 5, 10' in report
+  assert 'training rows per class: 5.' in report
   for method in ('random_forest', 'logistic_regression', 'mlp2', 'ensemble'):
     assert f'| {method} |' in report
