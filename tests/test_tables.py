@@ -18,6 +18,7 @@ from smallfx import data
 from smallfx import evaluation
 from smallfx import experiment
 from smallfx import models
+from smallfx import predict
 from smallfx import train
 from smallfx.errors import UserError
 
@@ -190,6 +191,8 @@ def test_a_table_trains_with_seeds_and_a_batch_larger_than_the_data(tmp_path, ca
   spec_ = json.loads((tmp_path / 'model.json').read_text())
   assert spec_['table'] and spec_['model_options'] == {'depth': 3, 'norm': 'batch',
                                                        'dropout': 0.1}
+  with pytest.raises(UserError, match="a table's model; smallfx.predict reads image files"):
+    list(predict.predict(str(tmp_path), ['row.png']))
 
 
 @pytest.mark.slow
