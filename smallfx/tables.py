@@ -170,10 +170,14 @@ def load_csv(path: str, label_column: str, categorical: str):
   return table, labels, names, Encoder(tuple(columns), is_category)
 
 
+def standardiser(train_rows: np.ndarray):
+  """x -> x standardised with `train_rows`' mean and std (a constant feature stays 0)."""
+  mean, std = train_rows.mean(0), train_rows.std(0)
+  std = np.where(std > 0, std, 1.0)
+  return lambda x: ((x - mean) / std).astype(np.float32)
+
+
 def standardise(pool, val, test, train_rows: np.ndarray):
   """The three splits' features standardised with `train_rows`' mean and std."""
-  mean = train_rows.mean(0)
-  std = train_rows.std(0)
-  std = np.where(std > 0, std, 1.0)  # a constant feature stays 0
-  scale = lambda s: dataclasses.replace(s, images=((s.images - mean) / std).astype(np.float32))
-  return scale(pool), scale(val), scale(test)
+  scale = standardiser(train_rows)
+  return tuple(dataclasses.replace(s, images=scale(s.images)) for s in (pool, val, test))

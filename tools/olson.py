@@ -49,9 +49,8 @@ def split_rows(rows, labels, encoder, splits: int):
       np.zeros(len(labels)), labels):
     encode = encoder.fit(rows[tr])
     x_tr, x_te = encode(rows[tr]), encode(rows[te])
-    mean, std = x_tr.mean(0), x_tr.std(0)
-    std = np.where(std > 0, std, 1.0)
-    out.append(((x_tr - mean) / std, labels[tr], (x_te - mean) / std, labels[te]))
+    scale = tables.standardiser(x_tr)
+    out.append((scale(x_tr), labels[tr], scale(x_te), labels[te]))
   return out
 
 
