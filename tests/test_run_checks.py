@@ -117,8 +117,11 @@ def test_ctrl_c_during_checkpoints_is_one_line_and_keeps_them_whole(tmp_path):
   args = ['--config=configs/cosine.py', '--config.model=mlp', '--config.num_steps=100000',
           '--config.checkpoint_every_steps=1', '--config.log_every_steps=1',
           '--config.progress=False', '--config.baseline=none', f'--workdir={tmp_path}']
+  # faulthandler: a run that hangs is stopped with SIGABRT below and prints every
+  # thread's stack (this failed once in ~30 suites, and did not again by hand).
   proc = subprocess.Popen([sys.executable, '-m', 'smallfx.main', *args], cwd=REPO, text=True,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=dict(os.environ, PYTHONFAULTHANDLER='1'))
   deadline, ckpts = time.time() + 120, tmp_path / 'checkpoints'
   while time.time() < deadline and not (ckpts.exists() and len(os.listdir(ckpts)) >= 3):
     time.sleep(0.05)
@@ -126,9 +129,13 @@ def test_ctrl_c_during_checkpoints_is_one_line_and_keeps_them_whole(tmp_path):
   try:
     _, err = proc.communicate(timeout=120)
   except subprocess.TimeoutExpired:
-    proc.kill()  # never left running beside the rest of the suite
-    proc.communicate()
-    pytest.fail('Ctrl-C did not stop the run within 120 s')
+    proc.send_signal(signal.SIGABRT)
+    try:
+      _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+      proc.kill()  # never left running beside the rest of the suite
+      _, err = proc.communicate()
+    pytest.fail(f'Ctrl-C did not stop the run within 120 s; its threads:\n{err[-12000:]}')
   assert proc.returncode == 130, err
   # The oneDNN build's line (a first run with the tests' own cache) may come before it.
   lines = [line for line in err.strip().splitlines()
