@@ -30,12 +30,19 @@ class Method:
   # Python modules the method imports, with the pip package that provides each.
   needs: dict[str, str] = dataclasses.field(default_factory=dict)
   from_scratch: bool = False           # a candidate for the `ensemble` method
+  # The same recipe without this method's technique, which the report pairs it with
+  # seed by seed ('{loss}' is the study's base loss); '' for none.
+  against: str = ''
 
   def check_available(self) -> None:
     for module, package in self.needs.items():
       if importlib.util.find_spec(module) is None:
         raise UserError(f'method {self.name!r} needs the pip package {package!r}: '
                         f'pip install {package}')
+
+  def comparison(self, base_loss: str) -> str:
+    """The name of the method this one is measured against, or ''."""
+    return self.against.format(loss=base_loss)
 
 
 METHODS: dict[str, Method] = {}
@@ -89,14 +96,15 @@ for _loss, _what in _LOSSES.items():
   register(Method(_loss, f'{_what}, from scratch, no augmentation',
                   overrides=dict(loss=_loss, augment='none'), from_scratch=True))
   register(Method(f'{_loss}+aug', f"{_what}, from scratch, the dataset's default augmentation",
-                  overrides=dict(loss=_loss, augment='auto'), from_scratch=True))
+                  overrides=dict(loss=_loss, augment='auto'), from_scratch=True,
+                  against=_loss))
 
 # Go deep: the base experiment's loss at three depths of the CIFAR ResNet.
 for _depth in (20, 56, 110):
   register(Method(f'resnet{_depth}', f"ResNet-{_depth} with the base loss and the default "
                   'augmentation, from scratch', overrides=dict(model=f'resnet{_depth}',
                                                                augment='auto'),
-                  from_scratch=True))
+                  from_scratch=True, against='{loss}+aug'))
 
 # Go deep on a table (or flattened pixels): MLPs of 2, 4 and 8 layers at the base width,
 # with the base loss (Olson et al., NeurIPS 2018: deep networks on small tables).
@@ -113,10 +121,10 @@ _FINETUNE = dict(_FEATURES, finetune='full', backbone_lr_mult=0.1, freeze_bn=Tru
                  num_steps=300, num_epochs=0.0, warmup_steps=30)
 register(Method('finetune', 'fine-tune ImageNet EfficientNet-Lite0 (96x96, backbone at 0.1x '
                 'the learning rate)', overrides=_FINETUNE, needs=_WEIGHTS,
-                grid={'learning_rate': '0.02,0.05,0.1'}))
+                grid={'learning_rate': '0.02,0.05,0.1'}, against='{loss}+aug'))
 register(Method('linear_probe', 'train only a new head on frozen ImageNet EfficientNet-Lite0',
                 overrides=dict(_FINETUNE, finetune='linear'), needs=_WEIGHTS,
-                grid={'learning_rate': '0.05,0.2,0.5'}))
+                grid={'learning_rate': '0.05,0.2,0.5'}, against='{loss}+aug'))
 
 # Pretraining without labels on the training pool's other images (smallfx.pretrain),
 # then the whole network fine-tuned with the base loss and the default augmentation,
@@ -126,7 +134,7 @@ register(Method('linear_probe', 'train only a new head on frozen ImageNet Effici
 for _name, _what in pretext.METHODS.items():
   register(Method(_name, f'{_what}; then fine-tuned', overrides=dict(
       pretrain=_name, finetune='full', backbone_lr_mult=1.0, freeze_bn=False,
-      augment='auto')))
+      augment='auto'), against='{loss}+aug'))
 
 # Prior knowledge: a class hierarchy (`--config.base.hierarchy=PATH`) as the cosine
 # losses' targets (Barz & Denzler's embedding), with the default augmentation, so the
@@ -135,7 +143,7 @@ for _loss in ('cosine', 'cosine_xent'):
   register(Method(f'{_loss}_hierarchy', f'{_LOSSES[_loss]} towards class-hierarchy targets '
                   '(needs --config.base.hierarchy), the default augmentation',
                   overrides=dict(loss=_loss, class_targets='hierarchy', augment='auto'),
-                  from_scratch=True))
+                  from_scratch=True, against=f'{_loss}+aug'))
 
 # Prior knowledge as fewer inputs or fewer weights, for the smallest sizes: the base
 # loss with the default augmentation and one thing taken away. 20x20 keeps the 28x28
@@ -145,23 +153,24 @@ for _name, _what, _overrides in (
     ('small_images', 'the images at 20x20 (half the pixels of 28x28)', dict(image_size=20)),
     ('small_model', 'the model at half its width', dict(width=0.5))):
   register(Method(_name, f'{_what}; the base loss and the default augmentation, from scratch',
-                  overrides=dict(_overrides, augment='auto'), from_scratch=True))
+                  overrides=dict(_overrides, augment='auto'), from_scratch=True,
+                  against='{loss}+aug'))
 
 # Generative augmentation (smallfx.generative): a class-conditional GAN per seed, trained
 # first on the labelled images; its images then join every batch. dada's discriminator
-# goes on as the classifier (loss 'dada', DADA's recipe: compare with xent+aug);
+# goes on as the classifier (loss 'dada', DADA's recipe: measured against cross-entropy);
 # cgan_augment+aug adds half as many generated images to the base loss with the default
-# augmentation (compare with its +aug method). Augmentation applies to real images only.
-for _name, _what, _overrides in (
+# augmentation. Augmentation applies to real images only.
+for _name, _what, _overrides, _against in (
     ('dada', 'DADA: a GAN whose 2K-output discriminator then trains on as the classifier on '
      'real and as many generated images, no augmentation', dict(generative='dada', loss='dada',
-                                                               augment='none')),
+                                                               augment='none'), 'xent'),
     ('dada+aug', "DADA with the dataset's default augmentation on the real images",
-     dict(generative='dada', loss='dada', augment='auto')),
+     dict(generative='dada', loss='dada', augment='auto'), 'xent+aug'),
     ('cgan_augment+aug', 'a class-conditional GAN first; then the base loss, the default '
      'augmentation, and 1 generated image per 2 real', dict(generative='cgan_augment',
-                                                            augment='auto'))):
-  register(Method(_name, _what, overrides=_overrides))
+                                                            augment='auto'), '{loss}+aug')):
+  register(Method(_name, _what, overrides=_overrides, against=_against))
 
 register(Method('ensemble', 'the seeds of the from-scratch method best on validation, '
                 'averaged', 'ensemble'))

@@ -202,6 +202,30 @@ def test_ensemble_takes_the_method_best_on_validation_and_lift_is_over_the_fores
   assert rows['random_forest']['lift'] == pytest.approx(0.0)
 
 
+def test_each_technique_is_paired_with_its_recipe_without_it(tmp_path):
+  config = config_lib.study()  # base loss: cosine
+  config.methods = 'random_forest,xent,xent+aug,cosine+aug,dada,cgan_augment+aug'
+  config.sizes = '10,20'
+  study = cells.resolve(config, str(tmp_path))
+  assert methods.METHODS['cgan_augment+aug'].comparison(study.base.loss) == 'cosine+aug'
+  records = {(m, n): _record(m, n, [0.8] * 3, test) for m, n, test in (
+      ('xent', 10, [0.70, 0.72, 0.74]),
+      ('xent+aug', 10, [0.75, 0.78, 0.80]),  # +5, +6, +6 points: helps
+      ('dada', 10, [0.72, 0.71, 0.75]),      # +2, -1, +1 against xent: no difference
+      ('xent', 20, [0.80, 0.81, 0.82]),
+      ('dada', 20, [0.78, 0.795, 0.80]),     # -2, -1.5, -2: hurts
+      ('cosine+aug', 10, [0.8] * 3))}        # cgan_augment+aug has no cell: no row
+  records[('random_forest', 10)] = _record('random_forest', 10, [0.7] * 3, [0.7] * 3,
+                                           kind='baseline')
+  lines = report._techniques(study, report.summarise(study, records))
+  rows = [line for line in lines if line.startswith('| ') and '---' not in line][1:]
+  assert [r.split(' | ')[:3] for r in rows] == [
+      ['| xent+aug', 'xent', '10'], ['| dada', 'xent', '10'], ['| dada', 'xent', '20']]
+  assert '+5.7 ± 0.6 | helps (p=' in rows[0]
+  assert '+0.7 ± 1.5 | no difference (p=' in rows[1]
+  assert '-1.8 ± 0.3 | hurts (p=' in rows[2]
+
+
 # ---------------------------------------------------------------------------
 # End to end.
 
