@@ -7,8 +7,10 @@ The base experiment of configs/study/fashion_mnist.py (SmallCNN, at most 2,000 s
 the same grid and seeds) with a GAN per seed before training: 400 iterations of batch
 32 (one discriminator step, two generator steps each), the generator at a quarter of
 DADA's channels (64, 32), what 2 CPU cores afford per cell. Needs the Fashion-MNIST IDX
-files (`apt-get install dataset-fashion-mnist`). The comparison methods' cells
-(random_forest, xent+aug, cosine+aug) are those of configs/study/fashion_mnist.py.
+files (`apt-get install dataset-fashion-mnist`). Each generative method has its
+comparison without the GAN: `dada` against `xent`, `dada+aug` against `xent+aug`,
+`cgan_augment+aug` against `cosine+aug` (cells of the same config and seeds as
+configs/study/fashion_mnist.py).
 Result and times: experiments/generative/README.md.
 """
 
@@ -23,7 +25,7 @@ def get_config():
   c.base.gan.batch_size = 32
   c.base.gan.width = 0.25
   c.sizes = '10,50,250'
-  c.methods = 'random_forest,xent+aug,cosine+aug,dada+aug,cgan_augment+aug,dada'
+  c.methods = 'random_forest,xent,xent+aug,cosine+aug,dada,dada+aug,cgan_augment+aug'
   c.notes = fashion_mnist.get_config().notes + (
       ' GANs: 400 iterations of batch 32 per seed, generator at width 0.25 (64, 32 channels).')
   return c
