@@ -71,9 +71,11 @@ def get(names: str | list[str]) -> list[Method]:
   return [METHODS[n] for n in names]
 
 
-def help_text() -> str:
+def help_text(base_loss: str = '{loss}') -> str:
+  """A line per method, with the method the report pairs it with."""
   width = max(len(n) for n in METHODS)
-  return '\n'.join(f'{m.name:<{width}}  {m.help}' for m in METHODS.values())
+  return '\n'.join(f'{m.name:<{width}}  {m.help}' + (
+      f' [against {m.comparison(base_loss)}]' if m.against else '') for m in METHODS.values())
 
 
 # Baselines: scikit-learn on the same training images as every other method.

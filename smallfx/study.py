@@ -69,7 +69,7 @@ def main(argv):
   path = config_flags.get_config_filename(flags.FLAGS['config'])
   config = _CONFIG.value
   if str(config.methods).strip() == 'help':
-    print(methods.help_text())
+    print(methods.help_text(config.base.loss))
     return
   from smallfx import cells as cells_lib  # pylint: disable=g-import-not-at-top
   from smallfx import report  # pylint: disable=g-import-not-at-top

@@ -208,6 +208,7 @@ def test_each_technique_is_paired_with_its_recipe_without_it(tmp_path):
   config.sizes = '10,20'
   study = cells.resolve(config, str(tmp_path))
   assert methods.METHODS['cgan_augment+aug'].comparison(study.base.loss) == 'cosine+aug'
+  assert 'default augmentation [against xent]' in methods.help_text('cosine')  # xent+aug
   records = {(m, n): _record(m, n, [0.8] * 3, test) for m, n, test in (
       ('xent', 10, [0.70, 0.72, 0.74]),
       ('xent+aug', 10, [0.75, 0.78, 0.80]),  # +5, +6, +6 points: helps
