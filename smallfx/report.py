@@ -25,6 +25,13 @@ REFERENCE = 'random_forest'
 ALPHA = 0.05
 
 
+def _verdict(p: float, significant: str) -> str:
+  """The paired test's word on a comparison: `significant` where p < ALPHA."""
+  if not np.isfinite(p):
+    return 'untested (under 2 shared seeds, or a gap that does not vary)'
+  return f'{significant} (p={p:.3f})' if p < ALPHA else f'no difference (p={p:.2f})'
+
+
 def _acc(x) -> str:
   return '' if x is None or not np.isfinite(x) else f'{x:.4f}'
 
@@ -196,10 +203,7 @@ def _ranking(summary, size) -> list[str]:
       if r is best:
         verdict = 'best'
       else:
-        p = curves.paired_p(best['per_seed'], r['per_seed'])
-        verdict = ('untested (under 2 shared seeds, or a gap that does not vary)'
-                   if not np.isfinite(p) else
-                   f'below (p={p:.3f})' if p < ALPHA else f'no difference (p={p:.2f})')
+        verdict = _verdict(curves.paired_p(best['per_seed'], r['per_seed']), 'below')
     lift = ('-' if r['method'] == REFERENCE or not np.isfinite(r['lift'])
             else f"{100 * r['lift']:+.1f} points")
     lines.append(f"| {rank} | {r['method']} | {acc} | {lift} | {verdict} | "
@@ -337,11 +341,8 @@ def _techniques(study, summary) -> list[str]:
         continue
       seeds = sorted(set(a['per_seed']) & set(b['per_seed']))
       gaps = [100 * (a['per_seed'][s] - b['per_seed'][s]) for s in seeds]
-      p = curves.paired_p(a['per_seed'], b['per_seed'])
-      verdict = ('untested (under 2 shared seeds, or a gap that does not vary)'
-                 if not np.isfinite(p) else
-                 f"{'helps' if np.mean(gaps) > 0 else 'hurts'} (p={p:.3f})" if p < ALPHA
-                 else f'no difference (p={p:.2f})')
+      verdict = _verdict(curves.paired_p(a['per_seed'], b['per_seed']),
+                         'helps' if np.mean(gaps) > 0 else 'hurts')
       spread = f' ± {np.std(gaps, ddof=1):.1f}' if len(gaps) > 1 else ''
       lines.append(f'| {method.name} | {other} | {size} | {np.mean(gaps):+.1f}{spread} | '
                    f'{verdict} |')
@@ -388,10 +389,8 @@ def _mistakes(study, summary) -> list[str]:
       if r is gentlest:
         verdict = 'lowest'
       else:
-        p = curves.paired_p(gentlest['hierarchy']['mistake_severity'],
-                            r['hierarchy']['mistake_severity'])
-        verdict = ('untested' if not np.isfinite(p) else
-                   f'higher (p={p:.3f})' if p < ALPHA else f'no difference (p={p:.2f})')
+        verdict = _verdict(curves.paired_p(gentlest['hierarchy']['mistake_severity'],
+                                           r['hierarchy']['mistake_severity']), 'higher')
       out.append(f"| {r['method']} | " + ' | '.join(cells) + f' | {verdict} |')
     out.append('')
   return out
