@@ -182,6 +182,20 @@ def _here(mngr: ocp.CheckpointManager, step: int):
                       if hasattr(m, 'shape') else m, meta)
 
 
+def resume(workdir: str, init, abstract) -> tuple[ocp.CheckpointManager, int, Any]:
+  """(manager, step, state): where a run in `workdir` goes on from.
+
+  The newest readable checkpoint, or `init()` at step 0 where there is none; unreadable
+  newer ones are set aside, since the run will save their step numbers again.
+  """
+  mngr = manager(workdir)
+  start, state = restore_latest(mngr, abstract)
+  if start is None:
+    state, start = init(), 0
+  set_aside_newer(mngr, start)
+  return mngr, start, state
+
+
 def set_aside_newer(mngr: ocp.CheckpointManager, step: int) -> None:
   """Moves checkpoints newer than `step` (unreadable ones) to `damaged-checkpoints/`.
 

@@ -179,11 +179,7 @@ def _train(session: Session, folder: str) -> None:
         'mean': goal.mean.tolist(), 'std': goal.std.tolist(), 'gan_seeds': seeds})
 
   init, abstract = session.initializer()
-  mngr = checkpoint.manager(folder)
-  start, state = checkpoint.restore_latest(mngr, abstract)
-  if start is None:
-    state, start = init(), 0
-  checkpoint.set_aside_newer(mngr, start)
+  mngr, start, state = checkpoint.resume(folder, init, abstract)
   parts, data_parts = layout.split(state), layout.split(session.data())
   del state
   train = session.step()

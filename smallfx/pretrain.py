@@ -160,11 +160,7 @@ def _pretrain(exp: experiment.Experiment, images: np.ndarray, folder: str) -> No
         'class_embeddings': None})
 
   init, abstract = session.initializer()
-  mngr = checkpoint.manager(folder)
-  start, state = checkpoint.restore_latest(mngr, abstract)
-  if start is None:
-    state, start = init(), 0
-  checkpoint.set_aside_newer(mngr, start)
+  mngr, start, state = checkpoint.resume(folder, init, abstract)
   data, unused = session.data()
   parts = layout.split(state)
   del state

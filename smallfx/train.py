@@ -245,11 +245,7 @@ def _train_and_evaluate(config, exp: experiment.Experiment, workdir: str) -> dic
 
   # Init or restore.
   init, abstract = run.initializer()
-  mngr = checkpoint.manager(workdir)
-  start, state = checkpoint.restore_latest(mngr, abstract)
-  if start is None:
-    state, start = init(), 0
-  checkpoint.set_aside_newer(mngr, start)
+  mngr, start, state = checkpoint.resume(workdir, init, abstract)
   data = run.training_data()
   parts = layout.split(state)
   data_parts = layout.split(data) if exp.resample_per_seed else [data] * layout.rounds

@@ -124,6 +124,22 @@ def test_restore_latest_without_checkpoints(tmp_path):
     assert checkpoint.restore_latest(mngr) == (None, None)
 
 
+def test_resume_goes_on_from_the_newest_readable_and_sets_damaged_ones_aside(tmp_path):
+  fresh = {'w': np.full(3, 7.0, np.float32)}
+  mngr, start, state = checkpoint.resume(str(tmp_path / 'new'), lambda: fresh, None)
+  with mngr:
+    assert start == 0 and state is fresh
+  saved = _workdir(tmp_path, steps=(0, 5))
+  _truncate(tmp_path, 5)
+  mngr, start, state = checkpoint.resume(str(tmp_path), lambda: fresh, None)
+  with mngr:
+    assert start == 0 and mngr.all_steps() == [0]
+    jax.tree.map(np.testing.assert_array_equal, dict(state), saved[0])
+  # Kept for a look, out of the way of the step the run will save again.
+  assert [os.path.basename(p).split('-')[0]
+          for p in glob.glob(f'{tmp_path}/damaged-checkpoints/*')] == ['5']
+
+
 def test_predict_on_damaged_checkpoints(tmp_path, cli, capsys):
   """Newest unreadable: one warning, then the older one; none readable: one error line."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
