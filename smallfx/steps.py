@@ -59,11 +59,14 @@ def global_norm(tree) -> jax.Array:
 
 
 def update(state: TrainState, images: jax.Array, labels: jax.Array, *, model, loss, tx,
-           unit_schedule) -> tuple[TrainState, dict]:
+           unit_schedule, frozen: tuple[str, ...] = ()) -> tuple[TrainState, dict]:
   """The one update: (state, batch) -> (state, metrics). `labels` are (B, C) probabilities.
 
   A member whose loss, gradients or parameters become non-finite keeps its last
   finite state from then on and is marked `diverged`; the other members train on.
+  `frozen` names top-level parameter collections the optimiser leaves as they are (a
+  linear probe's backbone): no gradient flows into them, so their backward pass is
+  never computed, where the gradient norm alone would keep it alive.
   """
   hyperparams = optim.hyperparams(state.opt_state)
 
@@ -71,6 +74,7 @@ def update(state: TrainState, images: jax.Array, labels: jax.Array, *, model, lo
                                state.step)
 
   def loss_fn(params):
+    params = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
     outputs, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats},
                                     images, train=True, mutable=['batch_stats'],
                                     rngs={'dropout': dropout})

@@ -65,3 +65,27 @@ def test_unknown_names_raise_user_errors():
     optim.Optimizer('adam')
   with pytest.raises(UserError, match='constant, cosine, sgdr'):
     optim.Optimizer('sgd', schedule='step')
+
+
+def test_a_linear_probe_computes_no_backbone_gradient():
+  """The frozen backbone gets no backward pass (fewer FLOPs), and the same update."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from smallfx import losses, models, steps  # pylint: disable=g-import-not-at-top
+  model = models.build('cnn', 10)
+  opt = optim.Optimizer('sgd', finetune='linear')
+  tx, unit = optim.make(opt, 10, HYPER)
+  state = steps.init_state(model, tx, (28, 28, 1), jax.random.key(0), HYPER)
+  images = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
+  labels = jax.nn.one_hot(jnp.arange(8) % 10, 10)
+  step = lambda frozen: jax.jit(functools.partial(
+      steps.update, model=model, loss=losses.get('xent'), tx=tx, unit_schedule=unit,
+      frozen=frozen))
+  plain, probe = step(()), step(('backbone',))
+  (new_plain, m_plain), (new_probe, m_probe) = plain(state, images, labels), probe(
+      state, images, labels)
+  jax.tree.map(np.testing.assert_array_equal, new_probe.params, new_plain.params)
+  jax.tree.map(np.testing.assert_array_equal, new_probe.params['backbone'],
+               state.params['backbone'])
+  assert float(m_probe['train/grad_norm']) < float(m_plain['train/grad_norm'])
+  flops = lambda f: f.lower(state, images, labels).compile().cost_analysis()['flops']
+  assert flops(probe) < 0.75 * flops(plain)
