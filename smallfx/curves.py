@@ -97,8 +97,9 @@ def forecast(sizes, accuracy, half_widths) -> Forecast:
   sizes = list(sizes)
   errors = [1 - a for a in accuracy]
   if len(sizes) < 4:
+    counted = f'{len(sizes)} size' + 's' * (len(sizes) != 1)
     return Forecast(fit(sizes, errors), None, False,
-                    f'{len(sizes)} sizes: a fit of 3 parameters needs 4 to be checked', [])
+                    f'{counted}: a fit of 3 parameters needs 4 to be checked', [])
   if errors[-1] >= errors[0] - max(CHECK_TOLERANCE, _finite(half_widths[-1])):
     return Forecast(None, None, False, 'the error does not fall with more data here', [])
   held = fit(sizes[:-1], errors[:-1])
