@@ -33,6 +33,11 @@ class Optimizer:
   finetune: str = ''              # '' (from scratch), 'full' or 'linear'
   backbone_lr_mult: float = 0.1
 
+  @property
+  def frozen(self) -> tuple[str, ...]:
+    """The parameter collections this mode leaves as they are: a linear probe's backbone."""
+    return ('backbone',) if self.finetune == 'linear' else ()
+
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
       raise unknown('optimizer', self.name, OPTIMIZERS)
@@ -85,7 +90,7 @@ def make(opt: Optimizer, total_steps: int, hyperparams: dict[str, float]
     head = _optimizer(opt, lr, weight_decay, momentum)
     if not opt.finetune:
       return head
-    backbone = (optax.set_to_zero() if opt.finetune == 'linear' else
+    backbone = (optax.set_to_zero() if 'backbone' in opt.frozen else
                 _optimizer(opt, lambda c: opt.backbone_lr_mult * lr(c), weight_decay, momentum))
     labels = lambda params: {k: 'backbone' if k == 'backbone' else 'head' for k in params}
     return optax.multi_transform({'head': head, 'backbone': backbone}, labels)

@@ -56,7 +56,7 @@ def make_train_step(layout: members.Layout, exp: experiment.Experiment,
                            generated=setup.generated)
   update = functools.partial(steps_lib.update, model=setup.model, loss=setup.loss, tx=setup.tx,
                              unit_schedule=setup.unit_schedule,
-                             frozen=('backbone',) if exp.optimizer.finetune == 'linear' else ())
+                             frozen=exp.optimizer.frozen)
 
   def step(state, images_u8, labels):
     x, y = jax.vmap(draw, in_axes=(0, data_axis, data_axis))(state, images_u8, labels)

@@ -80,7 +80,7 @@ def test_a_linear_probe_computes_no_backbone_gradient():
   step = lambda frozen: jax.jit(functools.partial(
       steps.update, model=model, loss=losses.get('xent'), tx=tx, unit_schedule=unit,
       frozen=frozen))
-  plain, probe = step(()), step(('backbone',))
+  plain, probe = step(()), step(opt.frozen)
   (new_plain, m_plain), (new_probe, m_probe) = plain(state, images, labels), probe(
       state, images, labels)
   jax.tree.map(np.testing.assert_array_equal, new_probe.params, new_plain.params)
