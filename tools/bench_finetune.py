@@ -16,6 +16,8 @@ import json
 
 import harness  # tools/ is on the path of a script in it; it puts smallfx there too
 
+from smallfx import malloc
+
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -51,4 +53,5 @@ def main():
 
 
 if __name__ == '__main__':
+  malloc.relaunch()  # measure what the command line runs: see smallfx/malloc.py
   main()

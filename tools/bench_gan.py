@@ -23,6 +23,7 @@ import jax
 from smallfx import config as config_lib
 from smallfx import data as data_lib
 from smallfx import experiment
+from smallfx import malloc
 from smallfx import gan
 from smallfx import train
 
@@ -100,4 +101,5 @@ def main():
 
 
 if __name__ == '__main__':
+  malloc.relaunch()  # measure what the command line runs: see smallfx/malloc.py
   main()

@@ -19,6 +19,7 @@ import numpy as np
 
 from smallfx import config as config_lib
 from smallfx import experiment
+from smallfx import malloc
 from smallfx import pretrain
 
 
@@ -77,4 +78,5 @@ def main():
 
 
 if __name__ == '__main__':
+  malloc.relaunch()  # measure what the command line runs: see smallfx/malloc.py
   main()
