@@ -18,7 +18,7 @@ per class (experiments/pretrain/README.md):
 
 `xent` (2026-12-07, 30 min), `finetune` at 10 and 50 per class (64 min), `linear_probe`
 at every size (7-11 min a cell since its step skips the frozen backbone's backward pass),
-`cosine_xent` at every size and `cosine_xent+aug` up to 100 per class (78 min), and the
+`cosine_xent` at every size and `cosine_xent+aug` (88 min), and the
 pretraining methods at 250 per class (39 min):
 
     python -m smallfx.study --config=configs/study/fashion_mnist.py \
@@ -28,7 +28,7 @@ Per cell: 2-7 min for a SmallCNN method (9 settings, then 3 seeds), longer besid
 work; 12-25 min with pretraining; 1-2.5 min for gradient boosting, 30-40 s for
 logistic_features; about 30 min for finetune (6 runs of 300 EfficientNet-Lite0 steps at
 96x96). Not yet run here: resnet20/56/110 (40-80 min a cell at about 0.2 s a step),
-finetune beyond 50 per class, cosine_xent+aug at 250.
+finetune beyond 50 per class.
 Result: SmallCNN with augmentation beats every baseline at every size (0.744 against the
 random forest's 0.707 at 10 per class, 0.870 against 0.829 at 250); cross-entropy and the
 cosine loss are within seed noise with augmentation up to 100 per class; fine-tuning
