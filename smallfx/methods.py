@@ -33,6 +33,9 @@ class Method:
   # The same recipe without this method's technique, which the report pairs it with
   # seed by seed ('{loss}' is the study's base loss); '' for none.
   against: str = ''
+  # Its panel of the learning-curve figure when a study has too many methods for one:
+  # the technique it tries ('depth', 'transfer', ...); baselines appear in every panel.
+  family: str = 'from scratch'
 
   def check_available(self) -> None:
     for module, package in self.needs.items():
@@ -101,12 +104,17 @@ for _loss, _what in _LOSSES.items():
                   overrides=dict(loss=_loss, augment='auto'), from_scratch=True,
                   against=_loss))
 
-# Go deep: the base experiment's loss at three depths of the CIFAR ResNet.
+# Go deep: the base experiment's loss at three depths of the CIFAR ResNet. On CPU their
+# steps cost several SmallCNN steps each, so the grid is the learning rate only, at the
+# base weight decay: across the study's three weight decays, `cosine+aug`'s validation
+# accuracy at its chosen learning rate moved by 0.01-0.03 (Fashion-MNIST, every size),
+# inside one standard error of 100 validation images (~0.035).
 for _depth in (20, 56, 110):
   register(Method(f'resnet{_depth}', f"ResNet-{_depth} with the base loss and the default "
                   'augmentation, from scratch', overrides=dict(model=f'resnet{_depth}',
                                                                augment='auto'),
-                  from_scratch=True, against='{loss}+aug'))
+                  grid={'learning_rate': '0.03,0.1,0.3'}, from_scratch=True,
+                  against='{loss}+aug', family='depth'))
 
 # Go deep on a table (or flattened pixels): MLPs of 2, 4 and 8 layers at the base width,
 # with the base loss (Olson et al., NeurIPS 2018: deep networks on small tables).
@@ -114,7 +122,7 @@ for _depth in (2, 4, 8):
   register(Method(f'mlp{_depth}', f'an MLP of {_depth} layers (256 x width units) with the '
                   'base loss, from scratch', overrides=dict(model='mlp', depth=_depth,
                                                             augment='none'),
-                  from_scratch=True))
+                  from_scratch=True, family='depth'))
 
 # ImageNet weights (configs/finetune.py's recipe). Each step is ~40x a SmallCNN step
 # on CPU, so the grid is smaller: the learning rate only.
@@ -123,10 +131,12 @@ _FINETUNE = dict(_FEATURES, finetune='full', backbone_lr_mult=0.1, freeze_bn=Tru
                  num_steps=300, num_epochs=0.0, warmup_steps=30)
 register(Method('finetune', 'fine-tune ImageNet EfficientNet-Lite0 (96x96, backbone at 0.1x '
                 'the learning rate)', overrides=_FINETUNE, needs=_WEIGHTS,
-                grid={'learning_rate': '0.02,0.05,0.1'}, against='{loss}+aug'))
+                grid={'learning_rate': '0.02,0.05,0.1'}, against='{loss}+aug',
+                family='transfer'))
 register(Method('linear_probe', 'train only a new head on frozen ImageNet EfficientNet-Lite0',
                 overrides=dict(_FINETUNE, finetune='linear'), needs=_WEIGHTS,
-                grid={'learning_rate': '0.05,0.2,0.5'}, against='{loss}+aug'))
+                grid={'learning_rate': '0.05,0.2,0.5'}, against='{loss}+aug',
+                family='transfer'))
 
 # Pretraining without labels on the training pool's other images (smallfx.pretrain),
 # then the whole network fine-tuned with the base loss and the default augmentation,
@@ -136,7 +146,7 @@ register(Method('linear_probe', 'train only a new head on frozen ImageNet Effici
 for _name, _what in pretext.METHODS.items():
   register(Method(_name, f'{_what}; then fine-tuned', overrides=dict(
       pretrain=_name, finetune='full', backbone_lr_mult=1.0, freeze_bn=False,
-      augment='auto'), against='{loss}+aug'))
+      augment='auto'), against='{loss}+aug', family='pretraining'))
 
 # Prior knowledge: a class hierarchy (`--config.base.hierarchy=PATH`) as the cosine
 # losses' targets (Barz & Denzler's embedding), with the default augmentation, so the
@@ -145,7 +155,7 @@ for _loss in ('cosine', 'cosine_xent'):
   register(Method(f'{_loss}_hierarchy', f'{_LOSSES[_loss]} towards class-hierarchy targets '
                   '(needs --config.base.hierarchy), the default augmentation',
                   overrides=dict(loss=_loss, class_targets='hierarchy', augment='auto'),
-                  from_scratch=True, against=f'{_loss}+aug'))
+                  from_scratch=True, against=f'{_loss}+aug', family='prior knowledge'))
 
 # Prior knowledge as fewer inputs or fewer weights, for the smallest sizes: the base
 # loss with the default augmentation and one thing taken away. 20x20 keeps the 28x28
@@ -156,7 +166,7 @@ for _name, _what, _overrides in (
     ('small_model', 'the model at half its width', dict(width=0.5))):
   register(Method(_name, f'{_what}; the base loss and the default augmentation, from scratch',
                   overrides=dict(_overrides, augment='auto'), from_scratch=True,
-                  against='{loss}+aug'))
+                  against='{loss}+aug', family='prior knowledge'))
 
 # Generative augmentation (smallfx.generative): a class-conditional GAN per seed, trained
 # first on the labelled images; its images then join every batch. dada's discriminator
@@ -172,7 +182,8 @@ for _name, _what, _overrides, _against in (
     ('cgan_augment+aug', 'a class-conditional GAN first; then the base loss, the default '
      'augmentation, and 1 generated image per 2 real', dict(generative='cgan_augment',
                                                             augment='auto'), '{loss}+aug')):
-  register(Method(_name, _what, overrides=_overrides, against=_against))
+  register(Method(_name, _what, overrides=_overrides, against=_against,
+                  family='generative'))
 
 register(Method('ensemble', 'the seeds of the from-scratch method best on validation, '
                 'averaged', 'ensemble'))

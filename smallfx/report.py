@@ -146,36 +146,76 @@ def _examples(study) -> str:
   return 'rows' if data_lib.is_table(study.base.dataset) else 'images'
 
 
+# More lines than this and their bands blur into one: a panel per family instead.
+_LINES_PER_PANEL = 8
+
+
+def _panels(study, summary) -> list[tuple[str, list, list]]:
+  """(title, methods drawn with their band, methods drawn thin for reference) per panel.
+
+  Few methods share one panel. Many get a panel per family, each beside the baselines
+  and the methods its techniques are measured against.
+  """
+  present = [m for m in study.methods if any(r['method'] == m.name for r in summary)]
+  baselines = [m for m in present if m.kind == 'baseline']
+  others = [m for m in present if m.kind != 'baseline']
+  families = list(dict.fromkeys(m.family for m in others))
+  if len(present) <= _LINES_PER_PANEL or len(families) < 2:
+    return [('', present, [])]
+  panels = []
+  for family in families:
+    members = [m for m in others if m.family == family]
+    against = {m.comparison(study.base.loss) for m in members}
+    references = [m for m in others if m.name in against and m not in members]
+    panels.append((family, members, baselines + references))
+  return panels
+
+
 def plot(path_stem: str, study, summary, title: str) -> None:
   """Test accuracy against samples per class: a line per method, its 95% interval shaded."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7.5, 5), dpi=150)
-  colours = plt.get_cmap('tab20').colors
-  for i, method in enumerate(study.methods):
-    rows = [r for r in summary if r['method'] == method.name]
-    if not rows:
-      continue
-    n = np.array([r['size'] for r in rows])
-    y = np.array([r['test_accuracy'] for r in rows])
-    half = np.array([r['ci95'] for r in rows])
-    style = {'baseline': '--', 'ensemble': ':'}.get(method.kind, '-')
-    colour = colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
-    ax.plot(n, y, style, marker='o' if method.kind == 'trained' else 's', ms=4,
-            color=colour, label=method.name)
-    ok = np.isfinite(half)
-    if ok.sum() > 1:
-      ax.fill_between(n[ok], (y - half)[ok], (y + half)[ok], color=colour, alpha=0.15, lw=0)
-  ax.set_xscale('log')
-  ax.set_xticks(list(study.sizes))
-  ax.set_xticklabels([str(s) for s in study.sizes])
-  ax.minorticks_off()
-  ax.set_xlabel(f'training {_examples(study)} per class')
-  ax.set_ylabel('test accuracy')
-  ax.set_title(title, fontsize=10)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc='lower right', ncol=2)
+  panels = _panels(study, summary)
+  cols = 2 if len(panels) in (2, 4) else min(3, len(panels))
+  rows_ = -(-len(panels) // cols)
+  size = (7.5, 5) if len(panels) == 1 else (4.6 * cols, 3.8 * rows_)
+  fig, axes = plt.subplots(rows_, cols, figsize=size, dpi=150, sharey=True, squeeze=False)
+  tab20 = plt.get_cmap('tab20').colors
+  # A method keeps its colour in every panel.
+  colour = {m.name: tab20[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
+            for i, m in enumerate(study.methods)}
+  for ax, (family, members, references) in zip(axes.flat, panels):
+    for method, main in [(m, False) for m in references] + [(m, True) for m in members]:
+      rows = [r for r in summary if r['method'] == method.name]
+      n = np.array([r['size'] for r in rows])
+      y = np.array([r['test_accuracy'] for r in rows])
+      half = np.array([r['ci95'] for r in rows])
+      style = {'baseline': '--', 'ensemble': ':'}.get(method.kind, '-')
+      ax.plot(n, y, style, marker='o' if method.kind == 'trained' else 's',
+              ms=4 if main else 2.5, lw=1.5 if main else 0.8, alpha=1 if main else 0.7,
+              color=colour[method.name], label=method.name)
+      ok = np.isfinite(half)
+      if main and ok.sum() > 1:
+        ax.fill_between(n[ok], (y - half)[ok], (y + half)[ok], color=colour[method.name],
+                        alpha=0.15, lw=0)
+    ax.set_xscale('log')
+    ax.set_xticks(list(study.sizes))
+    ax.set_xticklabels([str(s) for s in study.sizes])
+    ax.minorticks_off()
+    ax.set_xlabel(f'training {_examples(study)} per class')
+    ax.set_ylabel('test accuracy')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8 if len(panels) == 1 else 6.5, loc='lower right',
+              ncol=2 if len(members) + len(references) > 6 else 1)
+    if family:
+      ax.set_title(f'{family} (thin: baselines and references)', fontsize=9)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.set_visible(False)
+  if len(panels) == 1:
+    axes[0, 0].set_title(title, fontsize=10)
+  else:
+    fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   for ext in ('png', 'svg'):
     tmp = f'{path_stem}.{os.getpid()}.{ext}'

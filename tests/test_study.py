@@ -227,6 +227,30 @@ def test_each_technique_is_paired_with_its_recipe_without_it(tmp_path):
   assert '-1.8 ± 0.3 | hurts (p=' in rows[2]
 
 
+def test_many_methods_get_a_panel_per_family_beside_baselines_and_references(tmp_path):
+  config = config_lib.study()  # base loss: cosine
+  names = ['random_forest', 'xent', 'cosine', 'cosine+aug', 'resnet20', 'resnet56',
+           'finetune', 'linear_probe', 'dae', 'ensemble']
+  config.methods = ','.join(names)
+  config.sizes = '10'
+  study = cells.resolve(config, str(tmp_path))
+  summary = [{'method': m, 'size': 10} for m in names if m != 'linear_probe']
+  panels = {title: ([m.name for m in members], [m.name for m in refs])
+            for title, members, refs in report._panels(study, summary)}
+  assert panels == {
+      'from scratch': (['xent', 'cosine', 'cosine+aug', 'ensemble'], ['random_forest']),
+      'depth': (['resnet20', 'resnet56'], ['random_forest', 'cosine+aug']),
+      'transfer': (['finetune'], ['random_forest', 'cosine+aug']),  # no linear_probe cell
+      'pretraining': (['dae'], ['random_forest', 'cosine+aug'])}
+  # A few methods share one panel.
+  (title, members, refs), = report._panels(study, summary[:5])
+  assert (title, len(members), refs) == ('', 5, [])
+  # And the figure draws either way.
+  summary = [dict(r, test_accuracy=0.8, ci95=0.01) for r in summary]
+  report.plot(str(tmp_path / 'curve'), study, summary, 'title')
+  assert (tmp_path / 'curve.png').stat().st_size > 0
+
+
 # ---------------------------------------------------------------------------
 # End to end.
 
