@@ -104,11 +104,12 @@ for _loss, _what in _LOSSES.items():
                   overrides=dict(loss=_loss, augment='auto'), from_scratch=True,
                   against=_loss))
 
-# Go deep: the base experiment's loss at three depths of the CIFAR ResNet. On CPU their
-# steps cost several SmallCNN steps each, so the grid is the learning rate only, at the
-# base weight decay: across the study's three weight decays, `cosine+aug`'s validation
-# accuracy at its chosen learning rate moved by 0.01-0.03 (Fashion-MNIST, every size),
-# inside one standard error of 100 validation images (~0.035).
+# Go deep: the base experiment's loss at three depths of the CIFAR ResNet. On 2 CPU
+# cores a ResNet-20 step costs ~6x a SmallCNN step and a ResNet-56 one ~20x (Fashion-
+# MNIST cells), so the grid is the learning rate only, at the base weight decay: across
+# the study's three weight decays, `cosine+aug`'s validation accuracy at its chosen
+# learning rate moved by 0.01-0.03 (Fashion-MNIST, every size), inside one standard
+# error of 100 validation images (~0.035).
 for _depth in (20, 56, 110):
   register(Method(f'resnet{_depth}', f"ResNet-{_depth} with the base loss and the default "
                   'augmentation, from scratch', overrides=dict(model=f'resnet{_depth}',
