@@ -40,8 +40,8 @@ random forest's 0.707 at 10 per class, 0.870 against 0.829 at 250); cross-entrop
 cosine loss are within seed noise with augmentation up to 100 per class; fine-tuning
 ImageNet weights gives 0.767 at 10 per class (+2.3 points, p=0.11) and 0.831 at 50 (+0.1);
 a linear probe on them levels off at 0.81; pretraining without labels changes nothing;
-depth costs accuracy at 10 and 25 per class (at 10: ResNet-20 0.715, ResNet-56 0.730 against SmallCNN's
-0.744) and adds 0.6 points at 250 (0.864).
+depth costs accuracy at 10 and 25 per class (at 10: ResNet-20 0.715, ResNet-56 0.730
+against SmallCNN's 0.744) and adds 0.6 points at 250 (0.864).
 The report has the rest.
 """
 
