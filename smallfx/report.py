@@ -178,9 +178,9 @@ def plot(path_stem: str, study, summary, title: str) -> None:
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   panels = _panels(study, summary)
   cols = 2 if len(panels) in (2, 4) else min(3, len(panels))
-  rows_ = -(-len(panels) // cols)
-  size = (7.5, 5) if len(panels) == 1 else (4.6 * cols, 3.8 * rows_)
-  fig, axes = plt.subplots(rows_, cols, figsize=size, dpi=150, sharey=True, squeeze=False)
+  nrows = -(-len(panels) // cols)
+  size = (7.5, 5) if len(panels) == 1 else (4.6 * cols, 3.8 * nrows)
+  fig, axes = plt.subplots(nrows, cols, figsize=size, dpi=150, sharey=True, squeeze=False)
   tab20 = plt.get_cmap('tab20').colors
   # A method keeps its colour in every panel.
   colour = {m.name: tab20[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
