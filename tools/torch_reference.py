@@ -1,11 +1,12 @@
-"""A second implementation of the study's `xent` recipe, in PyTorch, to check its figures.
+"""A second implementation of the study's from-scratch recipes, in PyTorch, to check its figures.
 
     python tools/torch_reference.py --cell=experiments/study/fashion_mnist/cells/xent/n0050 \
         [--config=configs/study/fashion_mnist.py] [--seeds=3] [--steps=N] [--json=OUT]
 
 A study cell (`python -m smallfx.study`) records in its `cell.json` the chosen
 hyperparameters, the steps and each final seed's test accuracy. This tool trains the
-same recipe again, written independently in PyTorch from what smallfx's code does,
+same recipe again (`xent`, `cosine` or `cosine_xent`, without augmentation), written
+independently in PyTorch from what smallfx's code does,
 on the very images of the cell's final runs, and sets its mean ± sd over seeds beside
 the cell's. A difference within the seeds' spread says that the published figure is
 the recipe's, not an artefact of the JAX implementation. The record of the check goes
@@ -26,8 +27,15 @@ Everything after that is this file's, following smallfx (file: what was read):
   2x2 max pool - 3x3 conv 64 - ReLU - pool - flatten (NHWC order) - dense 128 - ReLU -
   dense head to one logit per class; no BatchNorm, no dropout. Initialisation as flax's
   defaults: LeCun normal (truncated at 2 sd) kernels, zero biases;
-- loss `xent`: softmax cross-entropy on one-hot labels, mean over the batch, no label
-  smoothing (that is `xent_smooth`) (losses.py);
+- the losses (losses.py), each a mean over the batch, on one-hot labels:
+  `xent`: softmax cross-entropy of the head's outputs, no label smoothing (that is
+  `xent_smooth`); the prediction is their argmax.
+  `cosine` (Barz & Denzler): 1 - cos(head's output, one-hot target), one output per
+  class (`embedding_dim` 0); the prediction is the argmax of the L2-normalised output.
+  `cosine_xent`: the cosine loss plus `cosine_xent_weight` x the softmax cross-entropy
+  of a second dense layer (`classifier`, with bias, LeCun-normal init) over the
+  L2-normalised output (models/__init__.py `Net`, `l2_normalize` with its 1e-12 floor
+  on the squared norm); the prediction is that classifier's argmax;
 - SGD, momentum (config, 0.9), Nesterov, coupled weight decay (added to the gradient
   before the momentum) on kernels only (ndim > 1), no gradient clipping (optim.py
   `_optimizer`, `_decay_mask`) -- the same maths as torch.optim.SGD with two groups;
@@ -66,7 +74,8 @@ sys.path.insert(0, ROOT)
 
 # What this file implements; a cell whose final config differs anywhere here is refused
 # rather than compared against another recipe.
-RECIPE = {'model': 'cnn', 'loss': 'xent', 'augment': 'none', 'optimizer': 'sgd',
+LOSSES = ('xent', 'cosine', 'cosine_xent')
+RECIPE = {'model': 'cnn', 'augment': 'none', 'optimizer': 'sgd',
           'schedule': 'cosine', 'grad_clip_norm': 0.0, 'dtype': 'float32', 'embedding_dim': 0,
           'class_targets': 'onehot', 'pretrain': '', 'pretrained': '', 'generative': ''}
 
@@ -116,6 +125,8 @@ def final_config(record: dict, config_path: str, cell_folder: str):
                   f'{expected}); pass the one it ran with as --config')
   config = cells.cell_config(study, cell, 'final', record['chosen'])
   differs = {k: (config[k], v) for k, v in RECIPE.items() if config[k] != v}
+  if config.loss not in LOSSES:
+    differs['loss'] = (config.loss, ' or '.join(LOSSES))
   if differs:
     raise Refused(f'method {record["method"]!r} is not the recipe this tool implements: '
                   + ', '.join(f'{k}={a!r} (needs {b!r})' for k, (a, b) in differs.items()))
@@ -151,7 +162,10 @@ def lecun_normal_(weight, fan_in: int):
     torch.nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
 
 
-def small_cnn(channels: int, image_size, num_classes: int, width: float = 1.0):
+def small_cnn(channels: int, image_size, num_classes: int, width: float = 1.0,
+              classifier: bool = False):
+  """SmallCNN and its head; with `classifier`, also cosine_xent's dense layer over the
+  L2-normalised head output. forward gives (head output, classifier logits or None)."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
 
@@ -165,7 +179,10 @@ def small_cnn(channels: int, image_size, num_classes: int, width: float = 1.0):
       self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
       self.dense = nn.Linear(h * w * c2, hidden)
       self.head = nn.Linear(hidden, num_classes)
-      for layer in (self.conv1, self.conv2, self.dense, self.head):
+      self.classifier = nn.Linear(num_classes, num_classes) if classifier else None
+      for layer in (self.conv1, self.conv2, self.dense, self.head, self.classifier):
+        if layer is None:
+          continue
         lecun_normal_(layer.weight, layer.weight[0].numel())
         nn.init.zeros_(layer.bias)
 
@@ -174,9 +191,29 @@ def small_cnn(channels: int, image_size, num_classes: int, width: float = 1.0):
       x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
       # Flattened in NHWC order as flax does, so that the dense kernel's rows line up.
       x = x.permute(0, 2, 3, 1).flatten(1)
-      return self.head(torch.relu(self.dense(x)))
+      out = self.head(torch.relu(self.dense(x)))
+      return out, (self.classifier(l2_normalize(out)) if classifier else None)
 
   return SmallCNN()
+
+
+def l2_normalize(x):
+  """x / |x|, with smallfx's floor of 1e-12 on the squared norm."""
+  import torch  # pylint: disable=g-import-not-at-top
+  return x * torch.rsqrt(torch.clamp((x * x).sum(-1, keepdim=True), min=1e-12))
+
+
+def loss_and_prediction(name: str, out, logits, labels, cosine_xent_weight: float):
+  """The batch's mean loss and its predicted classes, for loss `name` in LOSSES."""
+  import torch  # pylint: disable=g-import-not-at-top
+  xent = torch.nn.functional.cross_entropy
+  if name == 'xent':
+    return xent(out, labels), out.argmax(-1)
+  # cos(output, one-hot of y) is the normalised output's y-th entry.
+  cosine = 1.0 - l2_normalize(out).gather(1, labels[:, None]).mean()
+  if name == 'cosine':
+    return cosine, out.argmax(-1)  # the argmax of out / |out|, a positive scaling
+  return cosine + cosine_xent_weight * xent(logits, labels), logits.argmax(-1)
 
 
 def unit_schedule(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -208,7 +245,9 @@ def train_and_test(seed, split, test, num_classes, mean, std, config, steps, dev
   labels = torch.as_tensor(split.labels, dtype=torch.long, device=device)
   n = len(labels)
   batch_size = min(int(config.batch_size), n)  # smallfx caps a batch at the training split
-  model = small_cnn(images.shape[1], images.shape[2:], num_classes, float(config.width)).to(device)
+  model = small_cnn(images.shape[1], images.shape[2:], num_classes, float(config.width),
+                    classifier=config.loss == 'cosine_xent').to(device)
+  weight = float(config.cosine_xent_weight)
   params = list(model.parameters())
   # Weight decay on kernels (conv and dense weights) only, added to the gradient.
   opt = torch.optim.SGD([{'params': [p for p in params if p.ndim > 1],
@@ -224,7 +263,7 @@ def train_and_test(seed, split, test, num_classes, mean, std, config, steps, dev
     lr = float(config.learning_rate) * unit_schedule(step, steps, int(config.warmup_steps))
     for group in opt.param_groups:
       group['lr'] = lr
-    loss = torch.nn.functional.cross_entropy(model(images[idx]), labels[idx])
+    loss, _ = loss_and_prediction(config.loss, *model(images[idx]), labels[idx], weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -236,7 +275,8 @@ def train_and_test(seed, split, test, num_classes, mean, std, config, steps, dev
     for start in range(0, len(test.labels), int(config.eval_batch_size)):
       x = to_tensor(test.images[start:start + int(config.eval_batch_size)], mean, std, device)
       y = torch.as_tensor(test.labels[start:start + len(x)], dtype=torch.long, device=device)
-      correct += int((model(x).argmax(-1) == y).sum())
+      _, predicted = loss_and_prediction(config.loss, *model(x), y, weight)
+      correct += int((predicted == y).sum())
   return correct / len(test.labels)
 
 
@@ -249,12 +289,19 @@ def spread(values) -> tuple[float, float]:
   return float(np.mean(x)), (float(np.std(x, ddof=1)) if len(x) > 1 else math.nan)
 
 
-def compare(torch_acc: list[float], smallfx_acc: list[float]) -> dict:
+def compare(torch_acc: list[float], smallfx_acc: list[float], pairs=()) -> dict:
   """The difference of the means and whether it lies within the seeds' spread: within
-  2 standard errors of a difference of two means, sqrt(sd1^2/n1 + sd2^2/n2)."""
+  2 standard errors of a difference of two means, sqrt(sd1^2/n1 + sd2^2/n2). With
+  `pairs` ((torch, smallfx) per seed: the same training images), also a paired t-test's
+  p-value, the study report's test; with 3 seeds the 2-s.e. rule is the stricter one
+  (it takes the seeds' sds as known)."""
   (m1, s1), (m2, s2) = spread(torch_acc), spread(smallfx_acc)
   se = math.sqrt(s1**2 / len(torch_acc) + s2**2 / len(smallfx_acc))
-  return {'difference': m1 - m2, 'standard_error': se,
+  p = math.nan
+  if len(pairs) > 1:
+    from scipy import stats  # pylint: disable=g-import-not-at-top
+    p = float(stats.ttest_rel(*zip(*pairs)).pvalue)
+  return {'difference': m1 - m2, 'standard_error': se, 'p_paired': p,
           'within_spread': bool(abs(m1 - m2) <= 2 * se) if math.isfinite(se) else None}
 
 
@@ -302,7 +349,8 @@ def main(argv=None) -> int:
           f'({time.perf_counter() - start:.0f} s)', flush=True)
 
   (m1, s1), (m2, s2) = spread(ours), spread(record['test_accuracy'])
-  verdict = compare(ours, record['test_accuracy'])
+  verdict = compare(ours, record['test_accuracy'],
+                    [(a, theirs[s]) for s, a in zip(seeds, ours) if s in theirs])
   print(f'torch reference:     {m1:.4f} ± {s1:.4f} over {len(ours)} seeds')
   print(f'smallfx (cell.json): {m2:.4f} ± {s2:.4f} over {len(record["test_accuracy"])} seeds')
   if verdict['within_spread'] is None:
@@ -310,7 +358,8 @@ def main(argv=None) -> int:
   else:
     print(f"difference: {verdict['difference']:+.4f}, "
           f"{'within' if verdict['within_spread'] else 'outside'} the seeds' spread "
-          f"(2 standard errors of the difference: {2 * verdict['standard_error']:.4f})")
+          f"(2 standard errors of the difference: {2 * verdict['standard_error']:.4f}; "
+          f"paired t-test over seeds: p={verdict['p_paired']:.2f})")
   if args.json:
     out = {'cell': args.cell, 'config': args.config, 'method': record['method'],
            'size': record['size'], 'chosen': record['chosen'], 'steps': steps,
