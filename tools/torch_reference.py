@@ -6,8 +6,7 @@
 A study cell (`python -m smallfx.study`) records in its `cell.json` the chosen
 hyperparameters, the steps and each final seed's test accuracy. This tool trains the
 same recipe again (`xent`, `cosine` or `cosine_xent`, without augmentation), written
-independently in PyTorch from what smallfx's code does,
-on the very images of the cell's final runs, and sets its mean ± sd over seeds beside
+independently in PyTorch from what smallfx's code does, on the very images of the cell's final runs, and sets its mean ± sd over seeds beside
 the cell's. A difference within the seeds' spread says that the published figure is
 the recipe's, not an artefact of the JAX implementation. The record of the check goes
 in experiments/study/reference.md.
@@ -180,9 +179,8 @@ def small_cnn(channels: int, image_size, num_classes: int, width: float = 1.0,
       self.dense = nn.Linear(h * w * c2, hidden)
       self.head = nn.Linear(hidden, num_classes)
       self.classifier = nn.Linear(num_classes, num_classes) if classifier else None
-      for layer in (self.conv1, self.conv2, self.dense, self.head, self.classifier):
-        if layer is None:
-          continue
+      for layer in filter(None, (self.conv1, self.conv2, self.dense, self.head,
+                                 self.classifier)):
         lecun_normal_(layer.weight, layer.weight[0].numel())
         nn.init.zeros_(layer.bias)
 
@@ -297,10 +295,9 @@ def compare(torch_acc: list[float], smallfx_acc: list[float], pairs=()) -> dict:
   (it takes the seeds' sds as known)."""
   (m1, s1), (m2, s2) = spread(torch_acc), spread(smallfx_acc)
   se = math.sqrt(s1**2 / len(torch_acc) + s2**2 / len(smallfx_acc))
-  p = math.nan
-  if len(pairs) > 1:
-    from scipy import stats  # pylint: disable=g-import-not-at-top
-    p = float(stats.ttest_rel(*zip(*pairs)).pvalue)
+  from smallfx import curves  # pylint: disable=g-import-not-at-top
+  ours, theirs = ({i: pair[k] for i, pair in enumerate(pairs)} for k in (0, 1))
+  p = curves.paired_p(ours, theirs)
   return {'difference': m1 - m2, 'standard_error': se, 'p_paired': p,
           'within_spread': bool(abs(m1 - m2) <= 2 * se) if math.isfinite(se) else None}
 
