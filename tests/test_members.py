@@ -77,9 +77,10 @@ def test_a_sweep_needs_validation_data():
 @pytest.mark.slow
 def test_a_swept_member_is_the_run_with_that_value(name, values, loss):
   """Each setting trains exactly as a single run configured with its value would."""
-  _, _, swept = trained(config(loss=loss, sweep={name: ','.join(map(str, values))}))
+  # An MLP: the settings reach the optimiser and the loss whatever the model.
+  _, _, swept = trained(config(loss=loss, model='mlp', sweep={name: ','.join(map(str, values))}))
   for m, value in enumerate(values):
-    _, _, single = trained(config(loss=loss, **{name: value}))
+    _, _, single = trained(config(loss=loss, model='mlp', **{name: value}))
     chex.assert_trees_all_close(member(swept, m), member(single, 0), rtol=1e-4, atol=1e-5)
   diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), member(swept, 0), member(swept, 1))
   assert max(jax.tree.leaves(diff)) > 1e-4, f'{name} made no difference'

@@ -212,10 +212,10 @@ def _two_processes(args, workdir, devices_each):
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   single = tmp_path / 'single'
-  r = run_cli('smallfx.main', *ARGS, f'--workdir={single}', env=devices(4))
+  r = run_cli('smallfx.main', *ARGS, *MLP, f'--workdir={single}', env=devices(4))
   assert r.returncode == 0, r.stderr
   multi = tmp_path / 'multi'
-  outs = _two_processes(ARGS, multi, devices_each=2)
+  outs = _two_processes([*ARGS, *MLP], multi, devices_each=2)
   assert 'test accuracy' in outs[0][0] and 'test accuracy' not in outs[1][0], 'only process 0 reports'
   assert len(results(multi)['devices']) == 4
   np.testing.assert_allclose(train_losses(multi), train_losses(single), rtol=1e-5)

@@ -113,7 +113,7 @@ def test_pretraining_methods_are_study_methods_and_older_records_still_match(tmp
 
 @pytest.mark.slow
 def test_a_pretraining_method_runs_as_a_study_cell(tmp_path):
-  r = run_cli('smallfx.study', f'--config={STUDY}', f'--workdir={tmp_path}', *TINY[:1],
+  r = run_cli('smallfx.study', f'--config={STUDY}', f'--workdir={tmp_path}', '--config.sizes=10',
               '--config.methods=random_forest,dae', *TINY[2:],
               '--config.base.pretraining.steps=6', '--config.base.pretraining.batch_size=16')
   assert r.returncode == 0, r.stderr[-3000:]
